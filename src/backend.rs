@@ -1,0 +1,299 @@
+//! The lab's HTTP server: one pinned glommio executor serves any number of listeners, answering
+//! each request with pre-built bytes from [`crate::http`].
+
+use std::cell::RefCell;
+use std::io;
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt, future};
+use glommio::net::TcpStream;
+use glommio::sync::Gate;
+
+use crate::accept;
+use crate::http::{self, HeadError, Kind, Responses};
+use crate::placement::{self, Executor};
+use crate::shutdown::{LocalStop, Shutdown};
+
+/// How a backend treats its clients.
+#[derive(Debug, Clone)]
+pub struct BackendConfig {
+    /// Bound on a request head; a longer head gets 431.
+    pub max_head: usize,
+    /// Time a client has to deliver a complete head, and on keep-alive the next one. A head that
+    /// started but did not finish gets 408; an idle connection is closed silently.
+    pub head_timeout: Duration,
+    /// How long a graceful stop waits for connections already accepted.
+    pub drain_timeout: Duration,
+}
+
+impl Default for BackendConfig {
+    fn default() -> Self {
+        BackendConfig {
+            max_head: http::DEFAULT_MAX_HEAD,
+            head_timeout: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What one listener did, reported when the server stops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ListenerStats {
+    /// The address it listened on.
+    pub addr: Option<SocketAddr>,
+    /// Connections accepted.
+    pub connections: u64,
+    /// Responses with a 2xx status.
+    pub ok: u64,
+    /// 404 and 405 responses.
+    pub not_found: u64,
+    /// 400 and 431 responses: heads refused as malformed or too large.
+    pub refused: u64,
+    /// Heads that did not complete in time (408 sent when a partial head had arrived).
+    pub timed_out: u64,
+}
+
+impl ListenerStats {
+    /// Every response sent.
+    pub fn responses(&self) -> u64 {
+        self.ok + self.not_found + self.refused
+    }
+}
+
+/// Per-listener state shared by its connections on one executor.
+struct Listener {
+    id: [u8; http::SERVER_ID_LEN],
+    /// Swapped whole once a second by the date task; a connection clones the `Rc`, so a write in
+    /// flight keeps the bytes it started with and nothing is formatted per request.
+    responses: RefCell<Rc<Responses>>,
+    stats: RefCell<ListenerStats>,
+}
+
+impl Listener {
+    fn new(addr: SocketAddr) -> Listener {
+        let id = http::server_id(addr.port());
+        Listener {
+            id,
+            responses: RefCell::new(Rc::new(Responses::new(&id, &http::now_fixdate()))),
+            stats: RefCell::new(ListenerStats {
+                addr: Some(addr),
+                ..ListenerStats::default()
+            }),
+        }
+    }
+
+    fn count(&self, kind: Kind) {
+        let mut s = self.stats.borrow_mut();
+        match kind.status() {
+            200..=299 => s.ok += 1,
+            404 | 405 => s.not_found += 1,
+            408 => {}
+            _ => s.refused += 1,
+        }
+    }
+}
+
+/// Starts a backend on its own executor, pinned to `cpu`, serving every listener in `listeners`.
+pub fn spawn(
+    listeners: Vec<std::net::TcpListener>,
+    cpu: Option<usize>,
+    config: BackendConfig,
+    shutdown: Shutdown,
+) -> io::Result<Executor<io::Result<Vec<ListenerStats>>>> {
+    let name = match cpu {
+        Some(cpu) => format!("backend-cpu{cpu}"),
+        None => "backend".to_string(),
+    };
+    placement::spawn_pinned(&name, cpu, move || serve(listeners, config, shutdown))
+}
+
+/// Serves every listener on the current glommio executor until `shutdown` trips, then drains
+/// (bounded by `drain_timeout`) and returns per-listener counters.
+pub async fn serve(
+    listeners: Vec<std::net::TcpListener>,
+    config: BackendConfig,
+    shutdown: Shutdown,
+) -> io::Result<Vec<ListenerStats>> {
+    let stop = LocalStop::watch(&shutdown);
+    let config = Rc::new(config);
+    let gate = Gate::new();
+    let mut contexts = Vec::new();
+    let mut loops = Vec::new();
+    for listener in listeners {
+        let ctx = Rc::new(Listener::new(listener.local_addr()?));
+        contexts.push(ctx.clone());
+        let (stop, gate, config) = (stop.clone(), gate.clone(), config.clone());
+        loops.push(glommio::spawn_local(async move {
+            let accepted = accept::run(listener, &stop, |stream| {
+                let conn = serve_connection(stream, ctx.clone(), config.clone(), stop.clone());
+                // The gate only refuses once closed, which happens after every loop ended.
+                if let Ok(task) = gate.spawn(conn) {
+                    task.detach();
+                }
+            })
+            .await;
+            ctx.stats.borrow_mut().connections = accepted;
+        }));
+    }
+    let dates = glommio::spawn_local(refresh_dates(contexts.clone(), stop.clone()));
+    for task in loops {
+        task.await;
+    }
+    let drained = future::or(async { gate.close().await.is_ok() }, async {
+        glommio::timer::sleep(config.drain_timeout).await;
+        false
+    })
+    .await;
+    if !drained {
+        eprintln!(
+            "ringlab: backend drain deadline ({:?}) passed with connections still open; closing them",
+            config.drain_timeout
+        );
+    }
+    drop(dates);
+    Ok(contexts.iter().map(|c| c.stats.borrow().clone()).collect())
+}
+
+/// Rebuilds every listener's responses when the wall-clock second changes.
+async fn refresh_dates(contexts: Vec<Rc<Listener>>, stop: LocalStop) {
+    while !stop.is_stopped() {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let to_next = Duration::from_nanos(1_000_000_000 - u64::from(now.subsec_nanos()));
+        glommio::timer::sleep(to_next).await;
+        let date = http::now_fixdate();
+        for ctx in &contexts {
+            *ctx.responses.borrow_mut() = Rc::new(Responses::new(&ctx.id, &date));
+        }
+    }
+}
+
+enum Read {
+    Head(http::RequestHead),
+    Refused(HeadError),
+    /// The deadline passed; `true` if part of a head had arrived.
+    TimedOut(bool),
+    /// The client closed or reset, or the server is stopping with no request in progress.
+    Gone,
+}
+
+async fn serve_connection(
+    mut stream: TcpStream,
+    ctx: Rc<Listener>,
+    config: Rc<BackendConfig>,
+    stop: LocalStop,
+) {
+    let mut buf = vec![0u8; config.max_head];
+    let mut filled = 0usize;
+    let mut first = true;
+    loop {
+        let read = read_head(&mut stream, &mut buf, &mut filled, first, &config, &stop).await;
+        first = false;
+        let responses = ctx.responses.borrow().clone();
+        // `linger`: bytes the server will not read remain (a body, the rest of a refused head);
+        // a plain close would answer them with a reset that can destroy the response unread.
+        let (kind, consumed, linger) = match read {
+            Read::Head(head) => {
+                // The server does not read request bodies, so a request with one ends the
+                // connection rather than having its body parsed as the next request.
+                let keep = head.keep_alive && !head.has_body && !stop.is_stopped();
+                let linger = head.has_body || (!keep && head.len < filled);
+                (Kind::for_request(&head, keep), head.len, linger)
+            }
+            Read::Refused(err) => (Kind::for_error(err), filled, true),
+            Read::TimedOut(partial) => {
+                ctx.stats.borrow_mut().timed_out += 1;
+                if partial {
+                    let _ = stream.write_all(responses.get(Kind::Timeout)).await;
+                    linger_close(&mut stream).await;
+                }
+                return;
+            }
+            Read::Gone => return,
+        };
+        let sent = stream.write_all(responses.get(kind)).await;
+        ctx.count(kind);
+        if sent.is_err() {
+            return;
+        }
+        if kind.closes() {
+            if linger {
+                linger_close(&mut stream).await;
+            }
+            return;
+        }
+        buf.copy_within(consumed..filled, 0);
+        filled -= consumed;
+    }
+}
+
+/// Reads until `buf[..filled]` holds a complete head, the head is refused, or the deadline passes.
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    filled: &mut usize,
+    first: bool,
+    config: &BackendConfig,
+    stop: &LocalStop,
+) -> Read {
+    let deadline = Instant::now() + config.head_timeout;
+    let mut scanned = 0;
+    loop {
+        match http::parse_request_head(&buf[..*filled], scanned, config.max_head) {
+            Ok(Some(head)) => return Read::Head(head),
+            Err(err) => return Read::Refused(err),
+            Ok(None) => scanned = *filled,
+        }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if remaining.is_zero() || stream.set_read_timeout(Some(remaining)).is_err() {
+            return Read::TimedOut(*filled > 0);
+        }
+        let n = if *filled == 0 && !first {
+            // Between keep-alive requests: a stopping server closes idle connections at once
+            // instead of waiting out their timeout. A connection's first request is always
+            // served, so connections drained from the backlog during a stop still get answers.
+            let read = async { Some(stream.read(&mut buf[..]).await) };
+            let stopped = async {
+                stop.stopped().await;
+                None
+            };
+            match future::or(read, stopped).await {
+                Some(r) => r,
+                None => return Read::Gone,
+            }
+        } else {
+            stream.read(&mut buf[*filled..]).await
+        };
+        match n {
+            Ok(0) => return Read::Gone,
+            Ok(n) => *filled += n,
+            Err(err) if err.kind() == io::ErrorKind::TimedOut => {
+                return Read::TimedOut(*filled > 0);
+            }
+            Err(_) => return Read::Gone,
+        }
+    }
+}
+
+/// Half-closes, then reads and discards what the client still sends (bounded in bytes and time)
+/// so the final close does not reset a response the client has not read yet.
+async fn linger_close(stream: &mut TcpStream) {
+    const LINGER: Duration = Duration::from_secs(1);
+    const LINGER_BYTES: usize = 64 * 1024;
+    if stream.shutdown(std::net::Shutdown::Write).await.is_err() {
+        return;
+    }
+    let _ = stream.set_read_timeout(Some(LINGER));
+    let deadline = Instant::now() + LINGER;
+    let mut sink = [0u8; 4096];
+    let mut seen = 0;
+    while seen < LINGER_BYTES && Instant::now() < deadline {
+        match stream.read(&mut sink).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => seen += n,
+        }
+    }
+}

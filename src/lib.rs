@@ -1,0 +1,13 @@
+//! ringlab: the networking performance lab on glommio and io_uring, as a library the `ringlab`
+//! binary, the integration tests and the benchmarks all drive.
+
+pub mod accept;
+pub mod backend;
+pub mod balancer;
+pub mod cli;
+pub mod commands;
+pub mod http;
+pub mod listen;
+pub mod placement;
+pub mod shutdown;
+pub mod threaded;

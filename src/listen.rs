@@ -1,0 +1,96 @@
+//! Binding listening sockets before any server starts, so servers (and tests) take listeners that
+//! already exist, and a port in use is one clear error at start-up.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Listen backlog. Large enough that a burst from a closed-loop client at high concurrency queues
+/// in the kernel instead of being refused; the kernel caps it at `net.core.somaxconn`.
+pub const BACKLOG: i32 = 4096;
+
+/// Binds `count` listeners on `addr` that share the port with `SO_REUSEPORT`, one per executor,
+/// so the kernel spreads incoming connections across them.
+///
+/// `SO_REUSEPORT` would also let a second process (of the same user) silently share a port that
+/// is already serving, so a plain bind probes the address first: a port in use is refused here,
+/// with a message that names it. Port 0 binds the first listener to a free port and the others to
+/// the same one.
+pub fn bind_shared(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
+    let count = count.max(1);
+    if addr.port() != 0 {
+        probe_free(addr)?;
+    }
+    let mut listeners = Vec::with_capacity(count);
+    let mut addr = addr;
+    for _ in 0..count {
+        let listener = bind_reuseport(addr).map_err(|e| explain(addr, e))?;
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+/// Binds one listener on `addr` (port in use is an error, as with [`bind_shared`]).
+pub fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+    bind_shared(addr, 1).map(|mut v| v.remove(0))
+}
+
+fn probe_free(addr: SocketAddr) -> io::Result<()> {
+    let probe = new_socket(addr)?;
+    // SO_REUSEADDR lets the probe pass over TIME_WAIT leftovers of an earlier run, but not over a
+    // live listener; without SO_REUSEPORT it also cannot join another process's listener group.
+    probe.set_reuse_address(true)?;
+    probe.bind(&addr.into()).map_err(|e| explain(addr, e))
+}
+
+fn bind_reuseport(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = new_socket(addr)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    Ok(socket.into())
+}
+
+fn new_socket(addr: SocketAddr) -> io::Result<Socket> {
+    let domain = if addr.is_ipv6() {
+        Domain::IPV6
+    } else {
+        Domain::IPV4
+    };
+    Socket::new(domain, Type::STREAM.cloexec(), Some(Protocol::TCP))
+}
+
+fn explain(addr: SocketAddr, err: io::Error) -> io::Error {
+    let hint = match err.kind() {
+        io::ErrorKind::AddrInUse => {
+            " (another server is listening there; stop it or pick another port)"
+        }
+        io::ErrorKind::AddrNotAvailable => " (that address is not on this machine)",
+        io::ErrorKind::PermissionDenied => " (ports below 1024 need root or CAP_NET_BIND_SERVICE)",
+        _ => "",
+    };
+    io::Error::new(err.kind(), format!("cannot listen on {addr}: {err}{hint}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_listeners_use_one_port() {
+        let ls = bind_shared("127.0.0.1:0".parse().unwrap(), 3).unwrap();
+        let port = ls[0].local_addr().unwrap().port();
+        assert!(ls.iter().all(|l| l.local_addr().unwrap().port() == port));
+    }
+
+    #[test]
+    fn a_port_in_use_is_refused_even_with_reuseport() {
+        let first = bind_one("127.0.0.1:0".parse().unwrap()).unwrap();
+        let err = bind_one(first.local_addr().unwrap()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
+        assert!(err.to_string().contains("cannot listen on 127.0.0.1:"));
+    }
+}
