@@ -1,0 +1,136 @@
+//! Shared test scaffolding: real servers started in-process on `127.0.0.1:0`, stopped on drop,
+//! and a raw-socket HTTP client that shows exactly the bytes on the wire.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use ringlab::backend::{self, BackendConfig, ListenerStats};
+use ringlab::balancer::{self, BalancerConfig, BalancerReport};
+use ringlab::listen;
+use ringlab::placement::Executor;
+use ringlab::shutdown::Shutdown;
+
+/// A running in-process server; dropping it stops it.
+pub struct Running<T> {
+    /// Where it listens.
+    pub addrs: Vec<SocketAddr>,
+    /// Trips its graceful stop.
+    pub shutdown: Shutdown,
+    executors: Vec<Executor<std::io::Result<T>>>,
+}
+
+impl<T> Running<T> {
+    /// The first (often only) address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addrs[0]
+    }
+
+    /// Stops gracefully and returns each executor's report.
+    pub fn stop(mut self) -> Vec<T> {
+        self.shutdown.trigger();
+        std::mem::take(&mut self.executors)
+            .into_iter()
+            .map(|ex| ex.join().unwrap().unwrap())
+            .collect()
+    }
+}
+
+impl<T> Drop for Running<T> {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+        for ex in self.executors.drain(..) {
+            let _ = ex.join();
+        }
+    }
+}
+
+fn loopback() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+/// `n` listeners on one backend executor.
+pub fn backend(n: usize) -> Running<Vec<ListenerStats>> {
+    backend_with(n, BackendConfig::default())
+}
+
+/// `n` listeners on one backend executor with a given configuration.
+pub fn backend_with(n: usize, config: BackendConfig) -> Running<Vec<ListenerStats>> {
+    let listeners: Vec<_> = (0..n)
+        .map(|_| listen::bind_one(loopback()).unwrap())
+        .collect();
+    let addrs = listeners.iter().map(|l| l.local_addr().unwrap()).collect();
+    let shutdown = Shutdown::new();
+    let ex = backend::spawn(listeners, None, config, shutdown.clone()).unwrap();
+    Running {
+        addrs,
+        shutdown,
+        executors: vec![ex],
+    }
+}
+
+/// A balancer with one executor in front of `backends`.
+pub fn balancer(backends: &[SocketAddr]) -> Running<BalancerReport> {
+    balancer_with(BalancerConfig::new(backends.to_vec()), 1)
+}
+
+/// A balancer with `executors` executors sharing the port.
+pub fn balancer_with(config: BalancerConfig, executors: usize) -> Running<BalancerReport> {
+    let listeners = listen::bind_shared(loopback(), executors).unwrap();
+    let addr = listeners[0].local_addr().unwrap();
+    let shutdown = Shutdown::new();
+    let cpus = vec![None; executors];
+    let exs = balancer::spawn(listeners, &cpus, config, shutdown.clone()).unwrap();
+    Running {
+        addrs: vec![addr],
+        shutdown,
+        executors: exs,
+    }
+}
+
+/// Sends `request` on a fresh connection and reads until the server closes.
+pub fn exchange(addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    out
+}
+
+/// `GET /` as ab sends it (HTTP/1.0, no keep-alive).
+pub fn get(addr: SocketAddr) -> Vec<u8> {
+    exchange(
+        addr,
+        b"GET / HTTP/1.0\r\nHost: x\r\nUser-Agent: test\r\n\r\n",
+    )
+}
+
+/// The `Server` header value of a response.
+pub fn server_of(response: &[u8]) -> String {
+    let text = String::from_utf8_lossy(response);
+    text.lines()
+        .find_map(|l| l.strip_prefix("Server: "))
+        .unwrap_or_else(|| panic!("no Server header in {text:?}"))
+        .trim()
+        .to_string()
+}
+
+/// The `ringlab-PPPPP` id of a listener address.
+pub fn id_of(addr: SocketAddr) -> String {
+    format!("ringlab-{:05}", addr.port())
+}
+
+/// Runs an external program, failing the test with an install hint when it is missing.
+pub fn require(program: &str, package: &str) {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {program}")])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    assert!(
+        found,
+        "`{program}` is needed by this test: apt-get install -y {package} (.ci/run does this)"
+    );
+}
