@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::report::Format;
+
 /// ringlab — the networking performance lab on glommio and io_uring.
 ///
 /// Four HTTP backends behind a round-robin L4 balancer, compared with a direct async server and a
@@ -27,6 +29,10 @@ pub enum Command {
     Lb(LbArgs),
     /// Serve the same HTTP response with one OS thread per connection (the classic baseline).
     Threaded(ThreadedArgs),
+    /// Closed-loop HTTP load generator with ab's flags and columns, plus latency percentiles.
+    Bench(BenchArgs),
+    /// The whole lab in one command: start the topology, run the matrix, write results/.
+    Sweep(SweepArgs),
 }
 
 /// `ringlab backend`.
@@ -101,6 +107,122 @@ pub struct ThreadedArgs {
     pub http: HttpArgs,
 }
 
+/// `ringlab bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// The URL to request, e.g. http://127.0.0.1:44444/
+    #[arg(value_name = "URL")]
+    pub url: String,
+    /// Requests to perform [default: 1000, or 50000 with -t, as ab does].
+    #[arg(short = 'n', long = "requests", value_name = "N")]
+    pub requests: Option<u64>,
+    /// Requests to run at once (closed loop: each worker waits for its response).
+    #[arg(
+        short = 'c',
+        long = "concurrency",
+        value_name = "N",
+        default_value_t = 1
+    )]
+    pub concurrency: usize,
+    /// Reuse connections (HTTP keep-alive), like ab -k.
+    #[arg(short = 'k', long = "keep-alive")]
+    pub keep_alive: bool,
+    /// Stop starting requests after this long, e.g. 10s.
+    #[arg(short = 't', long = "time-limit", value_name = "DURATION", value_parser = parse_duration)]
+    pub time_limit: Option<Duration>,
+    /// Connect and response timeout per request.
+    #[arg(short = 's', long = "timeout", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+    /// CPUs for the client's executors, one each, e.g. 0 or 0,1 [default: the first CPU].
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub cpus: Option<CpuList>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+}
+
+/// `ringlab sweep`.
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Requests per cell.
+    #[arg(
+        short = 'n',
+        long = "requests",
+        value_name = "N",
+        default_value_t = 1000
+    )]
+    pub requests: u64,
+    /// Concurrency levels: a range like 1-5 or a list like 1,2,4,8.
+    #[arg(short = 'c', long = "concurrency", value_name = "LIST", default_value = "1-5", value_parser = parse_number_list)]
+    pub concurrency: NumberList,
+    /// Repetitions per cell; the median is reported, the spread shown.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub repeat: usize,
+    /// Measure this address instead of starting the lab; repeat for each target, e.g.
+    /// --target lb=127.0.0.1:44444 --target haproxy=127.0.0.1:8080. The first is compared with
+    /// the others in the summary.
+    #[arg(long = "target", value_name = "NAME=HOST:PORT", value_parser = parse_target)]
+    pub targets: Vec<(String, SocketAddr)>,
+    /// Folder to write the results folder into.
+    #[arg(long, value_name = "DIR", default_value = "results")]
+    pub out: std::path::PathBuf,
+    /// Label appended to the results folder's name [default: lab, or lab-k with -k].
+    #[arg(long, value_name = "LABEL")]
+    pub label: Option<String>,
+    /// Reuse connections (HTTP keep-alive), like ab -k.
+    #[arg(short = 'k', long = "keep-alive")]
+    pub keep_alive: bool,
+    /// CPUs for the client's executors [default: the first CPU].
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub client_cpus: Option<CpuList>,
+    /// CPUs for the balancer's executors, one each [default: the first CPU].
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub lb_cpus: Option<CpuList>,
+    /// CPU for the backends, the direct server and the threaded server [default: the last CPU].
+    #[arg(long, value_name = "N")]
+    pub server_cpu: Option<usize>,
+    /// How servers given with --target were placed on CPUs, recorded in the results.
+    #[arg(long, value_name = "TEXT")]
+    pub note: Option<String>,
+    /// Unrecorded requests per target before measuring.
+    #[arg(long, value_name = "N", default_value_t = 200)]
+    pub warmup: u64,
+    /// Connect and response timeout per request.
+    #[arg(short = 's', long = "timeout", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub timeout: Duration,
+}
+
+/// A parsed list of positive numbers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NumberList(pub Vec<usize>);
+
+/// Parses `1-5`, `1,2,4` or a mix, for concurrency levels (all at least 1).
+pub fn parse_number_list(s: &str) -> Result<NumberList, String> {
+    let list =
+        parse_list(s).map_err(|_| format!("'{s}' is not a list; use e.g. 1-5 or 1,2,4,8"))?;
+    if list.contains(&0) {
+        return Err(format!("'{s}': every level must be at least 1"));
+    }
+    Ok(NumberList(list))
+}
+
+/// Parses `NAME=HOST:PORT`.
+pub fn parse_target(s: &str) -> Result<(String, SocketAddr), String> {
+    let (name, addr) = s.split_once('=').ok_or_else(|| {
+        format!("'{s}' is not a target; expected NAME=HOST:PORT such as lb=127.0.0.1:44444")
+    })?;
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+    {
+        return Err(format!(
+            "'{name}': a target name uses letters, digits, '-', '_' or '.'"
+        ));
+    }
+    Ok((name.to_string(), parse_addr(addr)?))
+}
+
 /// A parsed CPU list.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CpuList(pub Vec<usize>);
@@ -146,25 +268,31 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
 
 /// Parses `0`, `0,1`, `0-3` or combinations such as `0,2-3`.
 pub fn parse_cpu_list(s: &str) -> Result<CpuList, String> {
-    let bad = || format!("'{s}' is not a CPU list; use e.g. 0 or 0,1 or 0-1");
-    let mut cpus = Vec::new();
+    parse_list(s)
+        .map(CpuList)
+        .map_err(|_| format!("'{s}' is not a CPU list; use e.g. 0 or 0,1 or 0-1"))
+}
+
+/// The shared grammar: comma-separated numbers and inclusive `a-b` ranges.
+fn parse_list(s: &str) -> Result<Vec<usize>, ()> {
+    let mut out = Vec::new();
     for part in s.split(',') {
         let part = part.trim();
         if let Some((a, b)) = part.split_once('-') {
-            let a: usize = a.trim().parse().map_err(|_| bad())?;
-            let b: usize = b.trim().parse().map_err(|_| bad())?;
-            if a > b {
-                return Err(bad());
+            let a: usize = a.trim().parse().map_err(|_| ())?;
+            let b: usize = b.trim().parse().map_err(|_| ())?;
+            if a > b || b - a > 100_000 {
+                return Err(());
             }
-            cpus.extend(a..=b);
+            out.extend(a..=b);
         } else {
-            cpus.push(part.parse().map_err(|_| bad())?);
+            out.push(part.parse().map_err(|_| ())?);
         }
     }
-    if cpus.is_empty() {
-        return Err(bad());
+    if out.is_empty() {
+        return Err(());
     }
-    Ok(CpuList(cpus))
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -202,6 +330,22 @@ mod tests {
         assert_eq!(parse_cpu_list("0,2-3").unwrap(), CpuList(vec![0, 2, 3]));
         assert!(parse_cpu_list("3-1").is_err());
         assert!(parse_cpu_list("x").is_err());
+        assert_eq!(
+            parse_number_list("1-5").unwrap(),
+            NumberList(vec![1, 2, 3, 4, 5])
+        );
+        assert!(parse_number_list("0-2").is_err());
+    }
+
+    #[test]
+    fn targets() {
+        let (name, addr) = parse_target("lb=127.0.0.1:44444").unwrap();
+        assert_eq!((name.as_str(), addr.port()), ("lb", 44444));
+        assert!(
+            parse_target("127.0.0.1:44444")
+                .unwrap_err()
+                .contains("NAME=HOST:PORT")
+        );
     }
 
     #[test]

@@ -5,11 +5,16 @@ use std::io;
 
 use crate::backend::{self, BackendConfig, ListenerStats};
 use crate::balancer::{self, BalancerConfig, BalancerReport};
-use crate::cli::{BackendArgs, Command, HttpArgs, LbArgs, ThreadedArgs};
+use crate::cli::{BackendArgs, BenchArgs, Command, HttpArgs, LbArgs, SweepArgs, ThreadedArgs};
+use crate::client::{self, BenchConfig, Target};
 use crate::listen;
 use crate::placement;
+use crate::report;
+use crate::results;
 use crate::shutdown::{self, Shutdown};
+use crate::sweep::{self, SweepConfig};
 use crate::threaded;
+use crate::topology::{NamedTarget, Placement, Ports};
 
 /// Runs one subcommand to completion. Errors carry a one-line, user-facing message.
 pub fn run(command: Command) -> io::Result<()> {
@@ -19,7 +24,86 @@ pub fn run(command: Command) -> io::Result<()> {
         Command::Backend(args) => run_backend(args, shutdown),
         Command::Lb(args) => run_lb(args, shutdown),
         Command::Threaded(args) => run_threaded(args, shutdown),
+        Command::Bench(args) => run_bench(args, shutdown),
+        Command::Sweep(args) => run_sweep(args, shutdown),
     }
+}
+
+fn run_bench(args: BenchArgs, shutdown: Shutdown) -> io::Result<()> {
+    let target =
+        Target::parse(&args.url).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let requests = args.requests.unwrap_or(if args.time_limit.is_some() {
+        client::TIMED_REQUESTS
+    } else {
+        1000
+    });
+    let cpus = args
+        .cpus
+        .map_or_else(|| vec![placement::default_cpu(1)], |l| l.0);
+    let result = client::run(BenchConfig {
+        target,
+        requests,
+        concurrency: args.concurrency,
+        keep_alive: args.keep_alive,
+        time_limit: args.time_limit,
+        timeout: args.timeout,
+        cpus: cpus.into_iter().map(Some).collect(),
+        stop: Some(shutdown),
+    })?;
+    print!("{}", report::render(&result, args.format));
+    Ok(())
+}
+
+fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
+    let allowed = placement::allowed_cpus();
+    let mut place = Placement::default_for(&allowed);
+    if let Some(c) = args.client_cpus {
+        place.client = c.0;
+    }
+    if let Some(c) = args.lb_cpus {
+        place.lb = c.0;
+    }
+    if let Some(c) = args.server_cpu {
+        place.servers = c;
+    }
+    place.check()?;
+    let targets = args
+        .targets
+        .iter()
+        .map(|(name, addr)| NamedTarget {
+            name: name.clone(),
+            addr: *addr,
+            description: "given with --target".into(),
+        })
+        .collect();
+    let config = SweepConfig {
+        requests: args.requests,
+        concurrency: args.concurrency.0,
+        repeat: args.repeat,
+        keep_alive: args.keep_alive,
+        targets,
+        placement: place,
+        ports: Ports::lab(),
+        warmup: args.warmup,
+        timeout: args.timeout,
+        note: args.note,
+        stop: shutdown,
+    };
+    let label = args
+        .label
+        .unwrap_or_else(|| if args.keep_alive { "lab-k" } else { "lab" }.into());
+    // Fail on an unwritable output folder before spending minutes measuring.
+    std::fs::create_dir_all(&args.out).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot create {}: {e}", args.out.display()),
+        )
+    })?;
+    let sweep = sweep::run(&config)?;
+    let dir = results::write(&sweep, &args.out.join(results::folder_name(&label)))?;
+    print!("{}", results::summary_text(&sweep));
+    println!("ringlab sweep: wrote {}", dir.display());
+    Ok(())
 }
 
 fn http_config(args: &HttpArgs) -> BackendConfig {

@@ -261,7 +261,7 @@ fn put2(dst: &mut [u8], v: u64) {
 
 /// Converts days since 1970-01-01 into a proleptic Gregorian (year, month, day), using the
 /// era-based method (400-year cycles of 146 097 days) so no table or loop is needed.
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     let z = z + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z.rem_euclid(146_097);

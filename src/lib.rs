@@ -4,10 +4,17 @@
 pub mod accept;
 pub mod backend;
 pub mod balancer;
+pub mod chart;
 pub mod cli;
+pub mod client;
 pub mod commands;
 pub mod http;
 pub mod listen;
+pub mod machine;
 pub mod placement;
+pub mod report;
+pub mod results;
 pub mod shutdown;
+pub mod sweep;
 pub mod threaded;
+pub mod topology;

@@ -164,3 +164,17 @@ where
         name: name.to_string(),
     })
 }
+
+/// Pins the calling OS thread to `cpu`; threads it creates afterwards inherit the pinning.
+pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
+    check_cpu(cpu)?;
+    // SAFETY: `set` is a plain bitmask owned by this frame; 0 means the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

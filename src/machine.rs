@@ -1,0 +1,113 @@
+//! Facts about the machine and build that every committed result records: CPU model, cores,
+//! kernel, ringlab version, git revision, the time and the command line.
+
+use serde::Serialize;
+
+/// Where and with what a measurement was made.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// CPU model name from `/proc/cpuinfo`.
+    pub cpu_model: String,
+    /// CPUs online.
+    pub cpus_online: usize,
+    /// CPUs this process may use (its affinity).
+    pub cpus_allowed: String,
+    /// Kernel release and machine (`uname -r -m`).
+    pub kernel: String,
+    /// Host name.
+    pub hostname: String,
+    /// ringlab's crate version.
+    pub ringlab_version: String,
+    /// `git describe --always --dirty` of the working directory, or `unknown`.
+    pub git_revision: String,
+    /// UTC time the measurement started, RFC 3339.
+    pub started_utc: String,
+    /// The command line.
+    pub command: String,
+}
+
+impl Machine {
+    /// Reads the facts now.
+    pub fn probe() -> Machine {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let cpu_model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_else(|| "unknown".into());
+        // SAFETY: sysconf with a valid name has no memory effects.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
+        let (kernel, hostname) = uname();
+        Machine {
+            cpu_model,
+            cpus_online: online,
+            cpus_allowed: crate::placement::format_cpus(&crate::placement::allowed_cpus()),
+            kernel,
+            hostname,
+            ringlab_version: env!("CARGO_PKG_VERSION").to_string(),
+            git_revision: git_revision(),
+            started_utc: utc_now_rfc3339(),
+            command: std::env::args().collect::<Vec<_>>().join(" "),
+        }
+    }
+}
+
+fn uname() -> (String, String) {
+    // SAFETY: `uts` is a plain struct the kernel fills; the strings are NUL-terminated.
+    unsafe {
+        let mut uts: libc::utsname = std::mem::zeroed();
+        if libc::uname(&mut uts) != 0 {
+            return ("unknown".into(), "unknown".into());
+        }
+        let s = |f: &[libc::c_char]| {
+            std::ffi::CStr::from_ptr(f.as_ptr())
+                .to_string_lossy()
+                .into_owned()
+        };
+        (
+            format!(
+                "{} {} {}",
+                s(&uts.sysname),
+                s(&uts.release),
+                s(&uts.machine)
+            ),
+            s(&uts.nodename),
+        )
+    }
+}
+
+fn git_revision() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
+pub fn utc_now_rfc3339() -> String {
+    let (date, time) = utc_now_parts();
+    format!("{date}T{time}Z")
+}
+
+/// The current UTC time as `YYYYMMDD-HHMMSS`, for folder names that sort by time.
+pub fn utc_now_compact() -> String {
+    let (date, time) = utc_now_parts();
+    format!("{}-{}", date.replace('-', ""), time.replace(':', ""))
+}
+
+fn utc_now_parts() -> (String, String) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (year, month, day) = crate::http::civil_from_days((secs / 86_400) as i64);
+    let t = secs % 86_400;
+    (
+        format!("{year:04}-{month:02}-{day:02}"),
+        format!("{:02}:{:02}:{:02}", t / 3600, t / 60 % 60, t % 60),
+    )
+}

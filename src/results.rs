@@ -1,0 +1,313 @@
+//! Writing a sweep into its results folder: `README.md` (machine, placement, the lab's tables,
+//! percentiles, backend spread, a cross-target summary), `sweep.json` (every number of every
+//! repetition) and `chart.svg`.
+
+use std::fmt::Write;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use crate::chart::{self, Panel, Series};
+use crate::report;
+use crate::sweep::Sweep;
+
+/// The folder name for a sweep started now: `<UTC date-time>-<label>`.
+pub fn folder_name(label: &str) -> String {
+    let label: String = label
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    format!("{}-{label}", crate::machine::utc_now_compact())
+}
+
+/// Writes `README.md`, `sweep.json` and `chart.svg` into `dir` (created if needed).
+pub fn write(sweep: &Sweep, dir: &Path) -> io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display())))?;
+    std::fs::write(dir.join("README.md"), markdown(sweep))?;
+    let mut json =
+        serde_json::to_string_pretty(&JsonSweep::new(sweep)).map_err(io::Error::other)?;
+    json.push('\n');
+    std::fs::write(dir.join("sweep.json"), json)?;
+    std::fs::write(dir.join("chart.svg"), svg(sweep))?;
+    Ok(dir.to_path_buf())
+}
+
+/// `sweep.json`: the sweep plus, per run, the derived rates a reader would otherwise recompute.
+#[derive(serde::Serialize)]
+struct JsonSweep<'a> {
+    #[serde(flatten)]
+    sweep: &'a Sweep,
+    derived: Vec<JsonCell<'a>>,
+}
+
+#[derive(serde::Serialize)]
+struct JsonCell<'a> {
+    target: &'a str,
+    concurrency: usize,
+    median_requests_per_sec: f64,
+    min_requests_per_sec: f64,
+    max_requests_per_sec: f64,
+    runs: Vec<report::JsonReport<'a>>,
+}
+
+impl<'a> JsonSweep<'a> {
+    fn new(sweep: &'a Sweep) -> JsonSweep<'a> {
+        let derived = sweep
+            .cells
+            .iter()
+            .map(|c| {
+                let (lo, hi) = c.spread();
+                JsonCell {
+                    target: &c.target,
+                    concurrency: c.concurrency,
+                    median_requests_per_sec: c.median_run().requests_per_sec(),
+                    min_requests_per_sec: lo,
+                    max_requests_per_sec: hi,
+                    runs: c.runs.iter().map(report::JsonReport::new).collect(),
+                }
+            })
+            .collect();
+        JsonSweep { sweep, derived }
+    }
+}
+
+fn markdown(s: &Sweep) -> String {
+    let mut o = String::new();
+    let m = &s.machine;
+    let _ = writeln!(o, "# ringlab sweep, {}\n", m.started_utc);
+    let _ = writeln!(o, "| | |\n| --- | --- |");
+    let _ = writeln!(o, "| Started (UTC) | {} |", m.started_utc);
+    let _ = writeln!(
+        o,
+        "| Machine | {}, {} CPUs online (this process may use {}), host `{}` |",
+        m.cpu_model, m.cpus_online, m.cpus_allowed, m.hostname
+    );
+    let _ = writeln!(o, "| Kernel | {} |", m.kernel);
+    let _ = writeln!(
+        o,
+        "| ringlab | {} (git {}) |",
+        m.ringlab_version, m.git_revision
+    );
+    let _ = writeln!(
+        o,
+        "| Placement | {} |",
+        crate::sweep::describe_placement(s.started_lab, &s.placement, s.note.as_deref())
+    );
+    let _ = writeln!(
+        o,
+        "| Topology | {} |",
+        if s.started_lab {
+            "started in-process by the sweep"
+        } else {
+            "given with --target (started elsewhere)"
+        }
+    );
+    let _ = writeln!(
+        o,
+        "| Matrix | {} requests × concurrency {} × {} repetitions (targets interleaved; the median repetition by req/s is reported), {} |",
+        s.requests,
+        list(&s.concurrency),
+        s.repeat,
+        if s.keep_alive {
+            "keep-alive (`-k`)"
+        } else {
+            "a new connection per request"
+        }
+    );
+    let _ = writeln!(o, "| Command | `{}` |\n", m.command);
+
+    summary(&mut o, s);
+    let _ = writeln!(
+        o,
+        "![req/s and p99 latency against concurrency](chart.svg)\n"
+    );
+
+    for t in &s.targets {
+        let _ = writeln!(o, "### PORT {} ({})\n", t.addr.port(), t.name);
+        let _ = writeln!(o, "{} at `{}`.\n", t.description, t.addr);
+        o.push_str(&report::lab_header());
+        for (i, &c) in s.concurrency.iter().enumerate() {
+            if let Some(cell) = s.cell(&t.name, c) {
+                o.push_str(&report::lab_row(i + 1, cell.median_run()));
+                o.push('\n');
+            }
+        }
+        let _ = writeln!(
+            o,
+            "\nLatency of the median run (µs, HdrHistogram), and the spread of req/s over the repetitions:\n"
+        );
+        let _ = writeln!(
+            o,
+            "| Concurrency | p50 | p90 | p99 | p99.9 | max | req/s min | req/s median | req/s max |"
+        );
+        let _ = writeln!(
+            o,
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+        );
+        for &c in &s.concurrency {
+            if let Some(cell) = s.cell(&t.name, c) {
+                let r = cell.median_run();
+                let l = &r.latency_us;
+                let (lo, hi) = cell.spread();
+                let _ = writeln!(
+                    o,
+                    "| {c} | {} | {} | {} | {} | {} | {lo:.0} | {:.0} | {hi:.0} |",
+                    l.p50,
+                    l.p90,
+                    l.p99,
+                    l.p999,
+                    l.max,
+                    r.requests_per_sec()
+                );
+            }
+        }
+        backend_spread(&mut o, s, &t.name);
+        o.push('\n');
+    }
+    let _ = writeln!(
+        o,
+        "`sweep.json` holds every number of every repetition; `chart.svg` is drawn from the medians."
+    );
+    o
+}
+
+/// The summary table alone, for the terminal.
+pub fn summary_text(s: &Sweep) -> String {
+    let mut o = String::new();
+    summary(&mut o, s);
+    o
+}
+
+fn summary(o: &mut String, s: &Sweep) {
+    let _ = writeln!(
+        o,
+        "## Summary: requests per second (median of {}; min–max over the repetitions)\n",
+        s.repeat
+    );
+    let names: Vec<&str> = s.targets.iter().map(|t| t.name.as_str()).collect();
+    let mut header = String::from("| Concurrency |");
+    let mut align = String::from("| ---: |");
+    for n in &names {
+        let _ = write!(header, " {n} |");
+        align.push_str(" ---: |");
+    }
+    // The first target (the balancer, in the lab) against each of the others.
+    for n in names.iter().skip(1) {
+        let _ = write!(header, " {} / {n} |", names[0]);
+        align.push_str(" ---: |");
+    }
+    let _ = writeln!(o, "{header}\n{align}");
+    for &c in &s.concurrency {
+        let mut row = format!("| {c} |");
+        let medians: Vec<Option<f64>> = names
+            .iter()
+            .map(|n| {
+                s.cell(n, c)
+                    .map(|cell| cell.median_run().requests_per_sec())
+            })
+            .collect();
+        for n in &names {
+            match s.cell(n, c) {
+                Some(cell) => {
+                    let (lo, hi) = cell.spread();
+                    let _ = write!(
+                        row,
+                        " {:.0} ({lo:.0}–{hi:.0}) |",
+                        cell.median_run().requests_per_sec()
+                    );
+                }
+                None => row.push_str(" – |"),
+            }
+        }
+        for m in medians.iter().skip(1) {
+            match (medians[0], m) {
+                (Some(a), Some(b)) if *b > 0.0 => {
+                    let _ = write!(row, " {:.2}× |", a / b);
+                }
+                _ => row.push_str(" – |"),
+            }
+        }
+        let _ = writeln!(o, "{row}");
+    }
+    o.push('\n');
+}
+
+fn backend_spread(o: &mut String, s: &Sweep, target: &str) {
+    let mut servers: Vec<String> = s
+        .cells
+        .iter()
+        .filter(|c| c.target == target)
+        .flat_map(|c| c.median_run().backends.iter().map(|b| b.0.clone()))
+        .collect();
+    servers.sort();
+    servers.dedup();
+    if servers.len() < 2 {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\nResponses per backend (`Server` header) in the median run:\n"
+    );
+    let _ = writeln!(o, "| Concurrency | {} |", servers.join(" | "));
+    let _ = writeln!(o, "| ---: |{}", " ---: |".repeat(servers.len()));
+    for &c in &s.concurrency {
+        if let Some(cell) = s.cell(target, c) {
+            let counts: Vec<String> = servers
+                .iter()
+                .map(|name| {
+                    let b = &cell.median_run().backends;
+                    b.iter()
+                        .find(|(n, _)| n == name)
+                        .map_or("0".into(), |(_, n)| n.to_string())
+                })
+                .collect();
+            let _ = writeln!(o, "| {c} | {} |", counts.join(" | "));
+        }
+    }
+}
+
+fn svg(s: &Sweep) -> String {
+    let series = |f: &dyn Fn(&crate::client::BenchResult) -> f64| -> Vec<Series> {
+        s.targets
+            .iter()
+            .map(|t| Series {
+                name: format!("{} :{}", t.name, t.addr.port()),
+                points: s
+                    .concurrency
+                    .iter()
+                    .filter_map(|&c| {
+                        s.cell(&t.name, c)
+                            .map(|cell| (c as f64, f(cell.median_run())))
+                    })
+                    .collect(),
+            })
+            .collect()
+    };
+    chart::render(&[
+        Panel {
+            title: "Requests per second (median)".into(),
+            x_label: "concurrency".into(),
+            y_label: "req/s".into(),
+            series: series(&|r| r.requests_per_sec()),
+        },
+        Panel {
+            title: "p99 latency (median run)".into(),
+            x_label: "concurrency".into(),
+            y_label: "µs".into(),
+            series: series(&|r| r.latency_us.p99 as f64),
+        },
+    ])
+}
+
+fn list(v: &[usize]) -> String {
+    v.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
+}
