@@ -61,6 +61,12 @@ pub async fn run(
         }
     }
     accepted += drain_backlog(fd, &mut on_conn);
+    // Closing the descriptor is not enough: the cancelled io_uring accept still holds the socket,
+    // which keeps listening (and completing handshakes nobody will accept) until the ring is torn
+    // down, after the executor exits. Shutting it down stops the listening now, so a balancer
+    // sees a refused connect instead of a connection that later resets.
+    // SAFETY: `fd` is still open (owned by `listener`, dropped just below).
+    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     drop(listener);
     accepted
 }

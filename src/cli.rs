@@ -172,9 +172,13 @@ pub struct SweepArgs {
     /// Reuse connections (HTTP keep-alive), like ab -k.
     #[arg(short = 'k', long = "keep-alive")]
     pub keep_alive: bool,
-    /// CPUs for the client's executors [default: the first CPU].
+    /// CPUs for the client's executors, for every target [default: the first CPU for direct
+    /// servers and --target addresses, the last CPU for the in-process balancer].
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
     pub client_cpus: Option<CpuList>,
+    /// CPUs for the client while it measures the in-process balancer (overrides --client-cpus).
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub lb_client_cpus: Option<CpuList>,
     /// CPUs for the balancer's executors, one each [default: the first CPU].
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
     pub lb_cpus: Option<CpuList>,

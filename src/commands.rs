@@ -58,7 +58,11 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
     let allowed = placement::allowed_cpus();
     let mut place = Placement::default_for(&allowed);
     if let Some(c) = args.client_cpus {
-        place.client = c.0;
+        place.client = c.0.clone();
+        place.lb_client = c.0;
+    }
+    if let Some(c) = args.lb_client_cpus {
+        place.lb_client = c.0;
     }
     if let Some(c) = args.lb_cpus {
         place.lb = c.0;
@@ -74,6 +78,7 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
             name: name.clone(),
             addr: *addr,
             description: "given with --target".into(),
+            client_cpus: place.client.clone(),
         })
         .collect();
     let config = SweepConfig {

@@ -124,7 +124,7 @@ pub fn run(config: &SweepConfig) -> io::Result<Sweep> {
         None
     };
     let targets = match &lab {
-        Some(lab) => lab.targets(),
+        Some(lab) => lab.targets(&config.placement),
         None => config.targets.clone(),
     };
     eprintln!(
@@ -151,7 +151,7 @@ pub fn run(config: &SweepConfig) -> io::Result<Sweep> {
             keep_alive: config.keep_alive,
             time_limit: None,
             timeout: config.timeout,
-            cpus: config.placement.client.iter().copied().map(Some).collect(),
+            cpus: target.client_cpus.iter().copied().map(Some).collect(),
             stop: None,
         })
         .map_err(|e| io::Error::new(e.kind(), format!("target {}: {e}", target.name)))

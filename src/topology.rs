@@ -49,10 +49,17 @@ impl Ports {
 }
 
 /// Which CPU runs what. Printed at start and recorded with every result.
+///
+/// The client's CPUs depend on the target: the balancer's request path is the busiest (two TCP
+/// connections per request, kernel work charged to whoever sends), so while it is measured it
+/// gets a core to itself and its client shares the backends' core; a direct server is measured
+/// with the client on the other core. README.md ("Placement") has the measurements behind this.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Placement {
-    /// The load generator's executors.
+    /// The client's executors when measuring a direct server (and any `--target`).
     pub client: Vec<usize>,
+    /// The client's executors when measuring the in-process balancer.
+    pub lb_client: Vec<usize>,
     /// The balancer's executors (one each).
     pub lb: Vec<usize>,
     /// The backends' executor, the direct server's executor and the threaded server's threads.
@@ -60,31 +67,36 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// The measured default (see the README's placement study): client and balancer share the
-    /// first CPU, every server runs on the last. On one CPU everything shares it.
+    /// The measured default: the balancer alone on the first CPU, every server on the last, the
+    /// client on whichever of the two the measured target leaves free (the last for the
+    /// balancer). On one CPU everything shares it.
     pub fn default_for(cpus: &[usize]) -> Placement {
         let first = cpus.first().copied().unwrap_or(0);
         let last = cpus.last().copied().unwrap_or(0);
         Placement {
             client: vec![first],
+            lb_client: vec![last],
             lb: vec![first],
             servers: last,
         }
     }
 
-    /// One line for humans, e.g. `client CPU 0, lb CPU 0, servers CPU 1`.
+    /// One line for humans.
     pub fn describe(&self) -> String {
         format!(
-            "client CPU {}, lb CPU {}, servers (backends, direct, threaded) CPU {}",
-            placement::format_cpus(&self.client),
+            "lb CPU {} with its client on CPU {}; servers (backends, direct, threaded) CPU {} with \
+             the client on CPU {} for direct and threaded",
             placement::format_cpus(&self.lb),
-            self.servers
+            placement::format_cpus(&self.lb_client),
+            self.servers,
+            placement::format_cpus(&self.client),
         )
     }
 
     /// Checks every CPU named is available.
     pub fn check(&self) -> io::Result<()> {
-        for &cpu in self.client.iter().chain(&self.lb).chain([&self.servers]) {
+        let all = self.client.iter().chain(&self.lb_client).chain(&self.lb);
+        for &cpu in all.chain([&self.servers]) {
             placement::check_cpu(cpu)?;
         }
         Ok(())
@@ -100,6 +112,8 @@ pub struct NamedTarget {
     pub addr: SocketAddr,
     /// What it is, for the report.
     pub description: String,
+    /// The client's CPUs for this target.
+    pub client_cpus: Vec<usize>,
 }
 
 /// The running in-process lab.
@@ -191,8 +205,8 @@ impl Lab {
         Ok(lab)
     }
 
-    /// The three measured targets, in the lab's order.
-    pub fn targets(&self) -> Vec<NamedTarget> {
+    /// The three measured targets, in the lab's order, with their client placement.
+    pub fn targets(&self, placement: &Placement) -> Vec<NamedTarget> {
         let backends: Vec<String> = self.backends.iter().map(|a| a.port().to_string()).collect();
         vec![
             NamedTarget {
@@ -202,16 +216,19 @@ impl Lab {
                     "ringlab lb, round robin over backends on ports {}",
                     backends.join(", ")
                 ),
+                client_cpus: placement.lb_client.clone(),
             },
             NamedTarget {
                 name: "direct".into(),
                 addr: self.direct,
                 description: "ringlab backend, hit directly (one glommio executor)".into(),
+                client_cpus: placement.client.clone(),
             },
             NamedTarget {
                 name: "threaded".into(),
                 addr: self.threaded,
                 description: "ringlab threaded, one OS thread per connection".into(),
+                client_cpus: placement.client.clone(),
             },
         ]
     }

@@ -51,7 +51,7 @@ fn a_small_sweep_writes_readme_json_and_chart_in_the_labs_columns() {
         "lb / direct",
         "lb / threaded",
         "| Kernel |",
-        "| Placement | client CPU",
+        "| Placement | lb CPU",
         "| ringlab | 0.1.0 (git ",
         "| 60 | 0 | 7320 bytes |",
         "Responses per backend",
