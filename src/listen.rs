@@ -3,6 +3,7 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -20,7 +21,7 @@ pub const BACKLOG: i32 = 4096;
 pub fn bind_shared(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
     let count = count.max(1);
     if addr.port() != 0 {
-        probe_free(addr)?;
+        probe_free_or_wait(addr)?;
     }
     let mut listeners = Vec::with_capacity(count);
     let mut addr = addr;
@@ -35,6 +36,56 @@ pub fn bind_shared(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener
 /// Binds one listener on `addr` (port in use is an error, as with [`bind_shared`]).
 pub fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
     bind_shared(addr, 1).map(|mut v| v.remove(0))
+}
+
+/// How long a closed connection can hold a port in TIME_WAIT on Linux (fixed at 60 s).
+const TIME_WAIT: Duration = Duration::from_secs(61);
+
+/// Probes `addr`; if it is taken only by TIME_WAIT leftovers of outgoing connections (heavy
+/// loopback benchmarking hands fixed lab ports such as 44444 out as ephemeral client ports), waits
+/// for them to expire instead of failing. A live listener fails at once.
+fn probe_free_or_wait(addr: SocketAddr) -> io::Result<()> {
+    let deadline = Instant::now() + TIME_WAIT;
+    let mut told = false;
+    loop {
+        match probe_free(addr) {
+            Err(e)
+                if e.kind() == io::ErrorKind::AddrInUse
+                    && !has_listener(addr.port())
+                    && Instant::now() < deadline =>
+            {
+                if !told {
+                    eprintln!(
+                        "ringlab: {addr} is held by closed connections in TIME_WAIT; waiting up to \
+                         60 s for them to clear. To keep lab ports out of the ephemeral range: \
+                         sysctl -w net.ipv4.ip_local_reserved_ports=9002-9005,44444,45000,46000"
+                    );
+                    told = true;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Whether any socket listens on `port` (IPv4 or IPv6), from `/proc/net/tcp*`.
+fn has_listener(port: u16) -> bool {
+    const LISTEN: &str = "0A";
+    let wanted = format!(":{port:04X}");
+    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|path| {
+        std::fs::read_to_string(path)
+            .map(|table| {
+                table.lines().skip(1).any(|line| {
+                    let mut cols = line.split_whitespace();
+                    let local = cols.nth(1).unwrap_or("");
+                    let state = cols.nth(1).unwrap_or("");
+                    state == LISTEN && local.ends_with(&wanted)
+                })
+            })
+            // Unknown: assume a listener, so the caller fails fast rather than waiting.
+            .unwrap_or(true)
+    })
 }
 
 fn probe_free(addr: SocketAddr) -> io::Result<()> {
@@ -84,6 +135,12 @@ mod tests {
         let ls = bind_shared("127.0.0.1:0".parse().unwrap(), 3).unwrap();
         let port = ls[0].local_addr().unwrap().port();
         assert!(ls.iter().all(|l| l.local_addr().unwrap().port() == port));
+    }
+
+    #[test]
+    fn listeners_are_found_in_proc() {
+        let l = bind_one("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert!(has_listener(l.local_addr().unwrap().port()));
     }
 
     #[test]
