@@ -5,13 +5,14 @@ use std::cell::RefCell;
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt, future};
-use glommio::net::TcpStream;
+use futures_lite::future;
 use glommio::sync::Gate;
 
 use crate::accept;
+use crate::conn::Conn;
+use crate::deadline::{Deadline, Deadlines};
 use crate::http::{self, HeadError, Kind, Responses};
 use crate::placement::{self, Executor};
 use crate::shutdown::{LocalStop, Shutdown};
@@ -119,15 +120,23 @@ pub async fn serve(
     let stop = LocalStop::watch(&shutdown);
     let config = Rc::new(config);
     let gate = Gate::new();
+    let deadlines = Deadlines::new(Deadlines::tick_for(config.head_timeout));
     let mut contexts = Vec::new();
     let mut loops = Vec::new();
     for listener in listeners {
         let ctx = Rc::new(Listener::new(listener.local_addr()?));
         contexts.push(ctx.clone());
         let (stop, gate, config) = (stop.clone(), gate.clone(), config.clone());
+        let deadlines = deadlines.clone();
         loops.push(glommio::spawn_local(async move {
-            let accepted = accept::run(listener, &stop, |stream| {
-                let conn = serve_connection(stream, ctx.clone(), config.clone(), stop.clone());
+            let accepted = accept::run(listener, &stop, |conn| {
+                let conn = serve_connection(
+                    conn,
+                    ctx.clone(),
+                    config.clone(),
+                    deadlines.clone(),
+                    stop.clone(),
+                );
                 // The gate only refuses once closed, which happens after every loop ended.
                 if let Ok(task) = gate.spawn(conn) {
                     task.detach();
@@ -138,6 +147,7 @@ pub async fn serve(
         }));
     }
     let dates = glommio::spawn_local(refresh_dates(contexts.clone(), stop.clone()));
+    let ticker = glommio::spawn_local(deadlines.clone().run(stop.clone()));
     for task in loops {
         task.await;
     }
@@ -153,6 +163,7 @@ pub async fn serve(
         );
     }
     drop(dates);
+    drop(ticker);
     Ok(contexts.iter().map(|c| c.stats.borrow().clone()).collect())
 }
 
@@ -181,16 +192,28 @@ enum Read {
 }
 
 async fn serve_connection(
-    mut stream: TcpStream,
+    conn: Conn,
     ctx: Rc<Listener>,
     config: Rc<BackendConfig>,
+    deadlines: Rc<Deadlines>,
     stop: LocalStop,
 ) {
+    // Declared after `conn`, so it is dropped (deregistered) before the socket closes.
+    let deadline = deadlines.arm([conn.fd(), -1], libc::SHUT_RD, config.head_timeout);
     let mut buf = vec![0u8; config.max_head];
     let mut filled = 0usize;
     let mut first = true;
     loop {
-        let read = read_head(&mut stream, &mut buf, &mut filled, first, &config, &stop).await;
+        let read = read_head(
+            &conn,
+            &mut buf,
+            &mut filled,
+            first,
+            &config,
+            &deadline,
+            &stop,
+        )
+        .await;
         first = false;
         let responses = ctx.responses.borrow().clone();
         // `linger`: bytes the server will not read remain (a body, the rest of a refused head);
@@ -207,39 +230,42 @@ async fn serve_connection(
             Read::TimedOut(partial) => {
                 ctx.stats.borrow_mut().timed_out += 1;
                 if partial {
-                    let _ = stream.write_all(responses.get(Kind::Timeout)).await;
-                    linger_close(&mut stream).await;
+                    let _ = conn.write_all(responses.get(Kind::Timeout)).await;
+                    linger_close(&conn, &deadline).await;
                 }
                 return;
             }
             Read::Gone => return,
         };
-        let sent = stream.write_all(responses.get(kind)).await;
+        let sent = conn.write_all(responses.get(kind)).await;
         ctx.count(kind);
         if sent.is_err() {
             return;
         }
         if kind.closes() {
             if linger {
-                linger_close(&mut stream).await;
+                linger_close(&conn, &deadline).await;
             }
             return;
         }
         buf.copy_within(consumed..filled, 0);
         filled -= consumed;
+        // The next request gets a full head timeout of its own.
+        deadline.extend();
     }
 }
 
-/// Reads until `buf[..filled]` holds a complete head, the head is refused, or the deadline passes.
+/// Reads until `buf[..filled]` holds a complete head, the head is refused, or the deadline passes
+/// (the deadline shuts the read side down, so the read returns end-of-file).
 async fn read_head(
-    stream: &mut TcpStream,
+    conn: &Conn,
     buf: &mut [u8],
     filled: &mut usize,
     first: bool,
     config: &BackendConfig,
+    deadline: &Deadline,
     stop: &LocalStop,
 ) -> Read {
-    let deadline = Instant::now() + config.head_timeout;
     let mut scanned = 0;
     loop {
         match http::parse_request_head(&buf[..*filled], scanned, config.max_head) {
@@ -247,15 +273,11 @@ async fn read_head(
             Err(err) => return Read::Refused(err),
             Ok(None) => scanned = *filled,
         }
-        let remaining = deadline.saturating_duration_since(Instant::now());
-        if remaining.is_zero() || stream.set_read_timeout(Some(remaining)).is_err() {
-            return Read::TimedOut(*filled > 0);
-        }
         let n = if *filled == 0 && !first {
             // Between keep-alive requests: a stopping server closes idle connections at once
             // instead of waiting out their timeout. A connection's first request is always
             // served, so connections drained from the backlog during a stop still get answers.
-            let read = async { Some(stream.read(&mut buf[..]).await) };
+            let read = async { Some(conn.read(&mut buf[..]).await) };
             let stopped = async {
                 stop.stopped().await;
                 None
@@ -265,33 +287,29 @@ async fn read_head(
                 None => return Read::Gone,
             }
         } else {
-            stream.read(&mut buf[*filled..]).await
+            conn.read(&mut buf[*filled..]).await
         };
         match n {
-            Ok(0) => return Read::Gone,
-            Ok(n) => *filled += n,
-            Err(err) if err.kind() == io::ErrorKind::TimedOut => {
-                return Read::TimedOut(*filled > 0);
-            }
-            Err(_) => return Read::Gone,
+            Ok(n) if n > 0 && !deadline.fired() => *filled += n,
+            _ if deadline.fired() => return Read::TimedOut(*filled > 0),
+            _ => return Read::Gone,
         }
     }
 }
 
-/// Half-closes, then reads and discards what the client still sends (bounded in bytes and time)
-/// so the final close does not reset a response the client has not read yet.
-async fn linger_close(stream: &mut TcpStream) {
+/// Half-closes, then reads and discards what the client still sends (bounded in bytes and by a
+/// one-second deadline) so the final close does not reset a response the client has not read.
+async fn linger_close(conn: &Conn, deadline: &Deadline) {
     const LINGER: Duration = Duration::from_secs(1);
     const LINGER_BYTES: usize = 64 * 1024;
-    if stream.shutdown(std::net::Shutdown::Write).await.is_err() {
+    if conn.shutdown_write().is_err() {
         return;
     }
-    let _ = stream.set_read_timeout(Some(LINGER));
-    let deadline = Instant::now() + LINGER;
+    deadline.extend_by(LINGER);
     let mut sink = [0u8; 4096];
     let mut seen = 0;
-    while seen < LINGER_BYTES && Instant::now() < deadline {
-        match stream.read(&mut sink).await {
+    while seen < LINGER_BYTES {
+        match conn.read(&mut sink).await {
             Ok(0) | Err(_) => return,
             Ok(n) => seen += n,
         }

@@ -3,19 +3,17 @@
 //! done. It never looks at the bytes, so any TCP protocol passes through.
 
 use std::cell::{Cell, RefCell};
-use std::future::poll_fn;
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
-use std::pin::Pin;
 use std::rc::Rc;
 use std::time::Duration;
 
-use futures_lite::{AsyncRead, AsyncWrite, future};
-use glommio::net::TcpStream;
+use futures_lite::future;
 use glommio::sync::Gate;
 
 use crate::accept;
+use crate::conn::{self, Conn};
+use crate::deadline::{Deadline, Deadlines};
 use crate::placement::{self, Executor};
 use crate::shutdown::{LocalStop, Shutdown};
 
@@ -26,7 +24,8 @@ pub struct BalancerConfig {
     pub backends: Vec<SocketAddr>,
     /// Longest wait for one backend's connect before trying the next.
     pub connect_timeout: Duration,
-    /// A pair with no bytes moving either way for this long is closed (checked once a second).
+    /// A pair with no bytes moving either way for this long is closed (checked every quarter of
+    /// it, at most once a second).
     pub idle_timeout: Duration,
     /// How long a graceful stop waits for pairs in flight.
     pub drain_timeout: Duration,
@@ -155,7 +154,7 @@ struct Shared {
     chooser: RoundRobin,
     counters: RefCell<Vec<BackendCounters>>,
     unserved: Cell<u64>,
-    reaper: Reaper,
+    deadlines: Rc<Deadlines>,
     buffers: BufferPool,
 }
 
@@ -186,11 +185,11 @@ pub async fn serve(
         ),
         chooser: RoundRobin::default(),
         unserved: Cell::new(0),
-        reaper: Reaper::default(),
+        deadlines: Deadlines::new(Deadlines::tick_for(config.idle_timeout)),
         buffers: BufferPool::new(config.buffer_size),
         config,
     });
-    let reaper = glommio::spawn_local(reap_idle(shared.clone(), stop.clone()));
+    let ticker = glommio::spawn_local(shared.deadlines.clone().run(stop.clone()));
     let gate = Gate::new();
     let accepted = accept::run(listener, &stop, |client| {
         if let Ok(task) = gate.spawn(proxy(client, shared.clone())) {
@@ -209,26 +208,26 @@ pub async fn serve(
             shared.config.drain_timeout
         );
     }
-    drop(reaper);
+    drop(ticker);
     let report = BalancerReport {
         cpu: None,
         accepted,
         unserved: shared.unserved.get(),
-        idle_closed: shared.reaper.closed.get(),
+        idle_closed: shared.deadlines.fired(),
         backends: shared.counters.borrow().clone(),
     };
     Ok(report)
 }
 
 /// Connects `client` to the first backend that answers, starting where the chooser says.
-async fn proxy(client: TcpStream, shared: Rc<Shared>) {
+async fn proxy(client: Conn, shared: Rc<Shared>) {
     let count = shared.config.backends.len();
     let first = shared.chooser.first(count);
     let mut server = None;
     for step in 0..count {
         let idx = (first + step) % count;
         let addr = shared.config.backends[idx];
-        match TcpStream::connect_timeout(addr, shared.config.connect_timeout).await {
+        match conn::connect(addr, shared.config.connect_timeout).await {
             Ok(stream) => {
                 server = Some((idx, stream));
                 break;
@@ -249,168 +248,57 @@ async fn proxy(client: TcpStream, shared: Rc<Shared>) {
 }
 
 /// Relays both directions until both have ended; returns bytes moved (up, down).
-async fn relay(client: TcpStream, server: TcpStream, shared: &Shared) -> (u64, u64) {
-    let pair = shared
-        .reaper
-        .register(client.as_raw_fd(), server.as_raw_fd());
-    let client = RefCell::new(client);
-    let server = RefCell::new(server);
+async fn relay(client: Conn, server: Conn, shared: &Shared) -> (u64, u64) {
+    // Declared after the connections, so it is deregistered before they close.
+    let deadline = shared.deadlines.arm(
+        [client.fd(), server.fd()],
+        libc::SHUT_RDWR,
+        shared.config.idle_timeout,
+    );
     let mut up_buf = shared.buffers.take();
     let mut down_buf = shared.buffers.take();
-    let up = pump(&client, &server, &mut up_buf, &pair, &shared.reaper);
-    let down = pump(&server, &client, &mut down_buf, &pair, &shared.reaper);
+    let ended = Cell::new(false);
+    let up = pump(&client, &server, &mut up_buf, &deadline, &ended);
+    let down = pump(&server, &client, &mut down_buf, &deadline, &ended);
     let (up, down) = future::zip(up, down).await;
     shared.buffers.give(up_buf);
     shared.buffers.give(down_buf);
-    drop(pair);
     (up, down)
 }
 
-/// Copies `from` → `to` until `from` ends, then half-closes `to` so the far side sees the end too.
-/// On an error (a reset, a failed write) it shuts both sockets down, which ends the opposite pump
-/// as well: a pair never waits on a dead half.
+/// Copies `from` → `to` until `from` ends, then half-closes `to` so the far side sees the end too
+/// (unless the other direction already ended: the close that follows sends that FIN, for one
+/// syscall less). On an error (a reset, a failed write) it shuts both sockets down, which ends the
+/// opposite pump as well: a pair never waits on a dead half. Each read that moves bytes pushes the
+/// idle deadline back.
 async fn pump(
-    from: &RefCell<TcpStream>,
-    to: &RefCell<TcpStream>,
+    from: &Conn,
+    to: &Conn,
     buf: &mut [u8],
-    pair: &PairGuard<'_>,
-    reaper: &Reaper,
+    deadline: &Deadline,
+    other_ended: &Cell<bool>,
 ) -> u64 {
     let mut total = 0u64;
     loop {
-        let n = match poll_fn(|cx| Pin::new(&mut *from.borrow_mut()).poll_read(cx, buf)).await {
+        let n = match from.read(buf).await {
             Ok(0) => {
-                let _ = shutdown_fd(to.borrow().as_raw_fd(), libc::SHUT_WR);
+                if !other_ended.replace(true) {
+                    let _ = to.shutdown_write();
+                }
                 return total;
             }
             Ok(n) => n,
             Err(_) => {
-                pair.abort();
+                deadline.fire_now();
                 return total;
             }
         };
-        let mut written = 0;
-        while written < n {
-            let chunk = &buf[written..n];
-            match poll_fn(|cx| Pin::new(&mut *to.borrow_mut()).poll_write(cx, chunk)).await {
-                Ok(0) | Err(_) => {
-                    pair.abort();
-                    return total + written as u64;
-                }
-                Ok(w) => written += w,
-            }
+        deadline.extend();
+        if to.write_all(&buf[..n]).await.is_err() {
+            deadline.fire_now();
+            return total;
         }
         total += n as u64;
-        pair.touch(reaper);
-    }
-}
-
-fn shutdown_fd(fd: RawFd, how: libc::c_int) -> io::Result<()> {
-    // SAFETY: `fd` belongs to a socket that outlives this call (owned by the pair being relayed).
-    if unsafe { libc::shutdown(fd, how) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
-}
-
-/// Finds pairs with no traffic for `idle_timeout` and shuts their sockets down, which ends both
-/// pumps. One timer per executor and a timestamp store per read keep this off the hot path,
-/// unlike a timer armed per read.
-#[derive(Default)]
-struct Reaper {
-    /// Seconds since the executor started, advanced by [`reap_idle`].
-    tick: Cell<u32>,
-    pairs: RefCell<Vec<Option<Rc<PairState>>>>,
-    free: RefCell<Vec<usize>>,
-    closed: Cell<u64>,
-}
-
-struct PairState {
-    fds: (RawFd, RawFd),
-    last_active: Cell<u32>,
-    aborted: Cell<bool>,
-}
-
-/// A pair's registration with the reaper; dropping it deregisters the pair. It must be dropped
-/// before the sockets close, so the reaper never shuts down a reused descriptor number.
-struct PairGuard<'a> {
-    reaper: &'a Reaper,
-    slot: usize,
-    state: Rc<PairState>,
-}
-
-impl Reaper {
-    fn register(&self, client: RawFd, server: RawFd) -> PairGuard<'_> {
-        let state = Rc::new(PairState {
-            fds: (client, server),
-            last_active: Cell::new(self.tick.get()),
-            aborted: Cell::new(false),
-        });
-        let mut pairs = self.pairs.borrow_mut();
-        let slot = match self.free.borrow_mut().pop() {
-            Some(slot) => {
-                pairs[slot] = Some(state.clone());
-                slot
-            }
-            None => {
-                pairs.push(Some(state.clone()));
-                pairs.len() - 1
-            }
-        };
-        PairGuard {
-            reaper: self,
-            slot,
-            state,
-        }
-    }
-}
-
-impl PairGuard<'_> {
-    fn touch(&self, reaper: &Reaper) {
-        self.state.last_active.set(reaper.tick.get());
-    }
-
-    fn abort(&self) {
-        self.state.shut_down();
-    }
-}
-
-impl PairState {
-    fn shut_down(&self) {
-        if !self.aborted.replace(true) {
-            let _ = shutdown_fd(self.fds.0, libc::SHUT_RDWR);
-            let _ = shutdown_fd(self.fds.1, libc::SHUT_RDWR);
-        }
-    }
-}
-
-impl Drop for PairGuard<'_> {
-    fn drop(&mut self) {
-        self.reaper.pairs.borrow_mut()[self.slot] = None;
-        self.reaper.free.borrow_mut().push(self.slot);
-    }
-}
-
-async fn reap_idle(shared: Rc<Shared>, stop: LocalStop) {
-    let idle = shared.config.idle_timeout.as_secs().max(1) as u32;
-    let reaper = &shared.reaper;
-    while !stop.is_stopped() || shared.reaper.pairs.borrow().iter().any(Option::is_some) {
-        glommio::timer::sleep(Duration::from_secs(1)).await;
-        let now = reaper.tick.get() + 1;
-        reaper.tick.set(now);
-        let expired: Vec<Rc<PairState>> = reaper
-            .pairs
-            .borrow()
-            .iter()
-            .flatten()
-            .filter(|p| now.wrapping_sub(p.last_active.get()) >= idle && !p.aborted.get())
-            .cloned()
-            .collect();
-        for pair in expired {
-            reaper.closed.set(reaper.closed.get() + 1);
-            pair.shut_down();
-        }
     }
 }
 

@@ -13,14 +13,14 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use glommio::net::TcpStream;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
+use crate::conn::{self, Conn};
+use crate::deadline::{Deadline, Deadlines};
 use crate::http;
 use crate::placement;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{LocalStop, Shutdown};
 
 /// ab's default number of requests for a time-limited run without `-n`.
 pub const TIMED_REQUESTS: u64 = 50_000;
@@ -536,12 +536,17 @@ fn time_stats(h: &Histogram<u64>) -> TimeStats {
 
 async fn executor_main(shared: Arc<Shared>, workers: usize) -> Tally {
     let tally = Rc::new(RefCell::new(Tally::new()));
+    let deadlines = Deadlines::new(Deadlines::tick_for(shared.config.timeout));
+    let stop = LocalStop::default();
+    let ticker = glommio::spawn_local(deadlines.clone().run(stop.clone()));
     let tasks: Vec<_> = (0..workers)
-        .map(|_| glommio::spawn_local(worker(shared.clone(), tally.clone())))
+        .map(|_| glommio::spawn_local(worker(shared.clone(), tally.clone(), deadlines.clone())))
         .collect();
     for t in tasks {
         t.await;
     }
+    stop.fire();
+    drop(ticker);
     Rc::try_unwrap(tally)
         .ok()
         .expect("workers finished")
@@ -571,39 +576,40 @@ enum Failure {
     Exception,
 }
 
-async fn worker(shared: Arc<Shared>, tally: Rc<RefCell<Tally>>) {
+async fn worker(shared: Arc<Shared>, tally: Rc<RefCell<Tally>>, deadlines: Rc<Deadlines>) {
     let config = &shared.config;
     let mut buf = vec![0u8; 16 * 1024];
-    let mut conn: Option<TcpStream> = None;
+    // A kept-alive connection and its timeout; the deadline is declared second so it is dropped
+    // (deregistered) before the connection closes.
+    let mut kept: Option<(Conn, Deadline)> = None;
     while shared.claim() {
         loop {
             let start = Instant::now();
-            let reused = conn.is_some();
-            let mut stream = match conn.take() {
-                Some(s) => s,
-                None => {
-                    match TcpStream::connect_timeout(config.target.addr, config.timeout).await {
-                        Ok(s) => {
-                            let _ = s.set_read_timeout(Some(config.timeout));
-                            let _ = s.set_write_timeout(Some(config.timeout));
-                            s
-                        }
-                        Err(e) => {
-                            let failures =
-                                shared.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
-                            if failures > DEAD_TARGET_FAILURES
-                                && shared.good.load(Ordering::Relaxed) == 0
-                            {
-                                shared.dead.store(true, Ordering::Relaxed);
-                            }
-                            record_failure(&tally, Failure::Connect, format!("connect: {e}"));
-                            break;
-                        }
-                    }
+            let reused = kept.is_some();
+            let (conn, deadline) = match kept.take() {
+                Some((conn, deadline)) => {
+                    deadline.extend();
+                    (conn, deadline)
                 }
+                None => match conn::connect(config.target.addr, config.timeout).await {
+                    Ok(conn) => {
+                        let d = deadlines.arm([conn.fd(), -1], libc::SHUT_RDWR, config.timeout);
+                        (conn, d)
+                    }
+                    Err(e) => {
+                        let failures = shared.connect_failures.fetch_add(1, Ordering::Relaxed) + 1;
+                        if failures > DEAD_TARGET_FAILURES
+                            && shared.good.load(Ordering::Relaxed) == 0
+                        {
+                            shared.dead.store(true, Ordering::Relaxed);
+                        }
+                        record_failure(&tally, Failure::Connect, format!("connect: {e}"));
+                        break;
+                    }
+                },
             };
             let connected = Instant::now();
-            let outcome = exchange(&mut stream, &shared.request, &mut buf, reused).await;
+            let outcome = exchange(&conn, &deadline, &shared.request, &mut buf, reused).await;
             let end = Instant::now();
             match outcome {
                 Outcome::StaleKeepAlive => continue,
@@ -656,7 +662,7 @@ async fn worker(shared: Arc<Shared>, tally: Rc<RefCell<Tally>>) {
                         .record(us(first_byte.saturating_duration_since(connected)));
                     drop(t);
                     if config.keep_alive && head.keep_alive && !short {
-                        conn = Some(stream);
+                        kept = Some((conn, deadline));
                     }
                     break;
                 }
@@ -680,10 +686,25 @@ fn record_failure(tally: &Rc<RefCell<Tally>>, kind: Failure, why: String) {
     }
 }
 
-/// Sends the request and reads one whole response: by `Content-Length`, or to end-of-file.
-async fn exchange(stream: &mut TcpStream, request: &[u8], buf: &mut [u8], reused: bool) -> Outcome {
-    if let Err(e) = stream.write_all(request).await {
-        return if reused {
+/// Sends the request and reads one whole response: by `Content-Length`, or to end-of-file. The
+/// deadline bounds the whole exchange: when it passes, the socket is shut down and the read ends.
+async fn exchange(
+    conn: &Conn,
+    deadline: &Deadline,
+    request: &[u8],
+    buf: &mut [u8],
+    reused: bool,
+) -> Outcome {
+    let timed_out = || {
+        Outcome::Failed(
+            Failure::Exception,
+            "timed out waiting for the response".into(),
+        )
+    };
+    if let Err(e) = conn.write_all(request).await {
+        return if deadline.fired() {
+            timed_out()
+        } else if reused {
             Outcome::StaleKeepAlive
         } else {
             Outcome::Failed(Failure::Exception, format!("send: {e}"))
@@ -693,14 +714,9 @@ async fn exchange(stream: &mut TcpStream, request: &[u8], buf: &mut [u8], reused
     let mut scanned = 0usize;
     let mut first_byte = None;
     let head = loop {
-        let n = match stream.read(&mut buf[filled..]).await {
+        let n = match conn.read(&mut buf[filled..]).await {
+            _ if deadline.fired() => return timed_out(),
             Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                return Outcome::Failed(
-                    Failure::Exception,
-                    "timed out waiting for the response".into(),
-                );
-            }
             Err(_) if reused && filled == 0 => return Outcome::StaleKeepAlive,
             Err(e) => return Outcome::Failed(Failure::Receive, format!("receive: {e}")),
         };
@@ -732,13 +748,10 @@ async fn exchange(stream: &mut TcpStream, request: &[u8], buf: &mut [u8], reused
     let mut body = (filled - head.len) as u64;
     let want = head.content_length;
     while want.is_none_or(|cl| body < cl) {
-        // Only the head must stay in the buffer (for the Server span); the body is counted.
-        match stream.read(&mut buf[head.len..]).await {
+        match conn.read(&mut buf[head.len..]).await {
+            _ if deadline.fired() => return timed_out(),
             Ok(0) => break,
             Ok(n) => body += n as u64,
-            Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                return Outcome::Failed(Failure::Exception, "timed out reading the body".into());
-            }
             Err(e) => return Outcome::Failed(Failure::Receive, format!("receive: {e}")),
         }
     }

@@ -8,6 +8,8 @@ pub mod chart;
 pub mod cli;
 pub mod client;
 pub mod commands;
+pub mod conn;
+pub mod deadline;
 pub mod http;
 pub mod listen;
 pub mod machine;
