@@ -1,0 +1,385 @@
+#!/usr/bin/env python3
+"""Side-by-side comparison, in one run: ringlab lb against HAProxy (mode tcp, roundrobin) and nginx
+stream in front of the same ringlab backends, with the same cores each (1 and 2), the same client
+and alternating rounds (A B C A B C ...) so drift on a shared machine hits all alike; ringlab
+backend against nginx serving the same tiny response; and ringlab bench against ab and wrk as
+clients of nginx.
+
+Reported per server: req/s, p50/p99 latency, CPU time per request (user + system of the server's
+processes, from /proc/<pid>/task/*/stat before and after each round) and reschedule IPIs per
+request on the server's cores (/proc/interrupts). Per client: req/s and the client's own CPU per
+request. Medians over the rounds; every round is kept in compare.json.
+
+Usage: scripts/compare.sh [--rounds 5] [--requests 50000] [--low-requests 10000] [--quick]
+Writes results/<UTC date-time>-compare/{README.md,compare.json}. Needs haproxy, nginx with the
+stream module, wrk and ab (the wrapper installs them with apt-get when run as root).
+"""
+
+import argparse
+import atexit
+import json
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "ringlab")
+HZ = os.sysconf("SC_CLK_TCK")
+BACKENDS = [9002, 9003, 9004, 9005]
+PORTS = {"ringlab-lb": 44444, "haproxy": 44445, "nginx-stream": 44446,
+         "ringlab-backend": 45000, "nginx": 45001}
+RESERVED = "9002-9005,44444-44446,45000-45001"
+
+started = []  # (name, Popen) of everything this script started, stopped at exit by pid
+
+
+def stop_all():
+    for _, p in reversed(started):
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    deadline = time.time() + 15
+    for _, p in reversed(started):
+        try:
+            p.wait(timeout=max(0.1, deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+    started.clear()
+
+
+def start(name, argv, cpus=None, log_dir=None):
+    if cpus is not None:
+        argv = ["taskset", "-c", ",".join(map(str, cpus))] + argv
+    log = open(os.path.join(log_dir, name + ".log"), "w")
+    p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT)
+    started.append((name, p))
+    return p
+
+
+def wait_port(port, timeout=10):
+    import socket
+    end = time.time() + timeout
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing answers on port {port}; see the logs")
+
+
+def pids_of(p):
+    """The process and its children (nginx workers)."""
+    out = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout
+    return [p.pid] + [int(x) for x in out.split()]
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])
+        except FileNotFoundError:
+            pass
+    return total
+
+
+def resched_ipis():
+    with open("/proc/interrupts") as f:
+        for line in f:
+            if line.strip().startswith("RES:"):
+                return [int(x) for x in line.split()[1:1 + os.cpu_count()]]
+    return [0] * os.cpu_count()
+
+
+def bench(port, n, c, client_cpus):
+    out = subprocess.run([BIN, "bench", "-n", str(n), "-c", str(c), "--cpus", client_cpus,
+                          "--format", "json", f"http://127.0.0.1:{port}/"],
+                         capture_output=True, text=True)
+    if out.returncode != 0:
+        raise SystemExit(f"bench against {port} failed: {out.stderr.strip()}")
+    return json.loads(out.stdout)
+
+
+def measure_server(name, port, pids, n, c, client_cpus, server_cpus):
+    a, ia = cpu_ticks(pids), resched_ipis()
+    d = bench(port, n, c, client_cpus)
+    b, ib = cpu_ticks(pids), resched_ipis()
+    done = max(1, d["complete"])
+    ipis = sum(ib[i] - ia[i] for i in server_cpus)
+    return {"name": name, "concurrency": c, "requests": d["complete"], "failed": d["failed_total"],
+            "req_per_sec": d["requests_per_sec"], "time_per_request_ms": d["time_per_request_ms"],
+            "p50_us": d["latency_us"]["p50"], "p99_us": d["latency_us"]["p99"],
+            "cpu_us_per_req": (b - a) / HZ * 1e6 / done, "ipis_per_req": ipis / done}
+
+
+def run_client(name, argv):
+    before = os.times()
+    out = subprocess.run(argv, capture_output=True, text=True)
+    after = os.times()
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return out, cpu
+
+
+def measure_client(name, port, n, c, cpu, wrk_secs):
+    url = f"http://127.0.0.1:{port}/"
+    pin = ["taskset", "-c", str(cpu)]
+    if name == "ringlab-bench":
+        out, t = run_client(name, [BIN, "bench", "-n", str(n), "-c", str(c), "--cpus", str(cpu),
+                                   "--format", "json", url])
+        d = json.loads(out.stdout)
+        done, rate, failed = d["complete"], d["requests_per_sec"], d["failed_total"]
+    elif name == "ab":
+        out, t = run_client(name, pin + ["ab", "-q", "-n", str(n), "-c", str(c), url])
+        done = int(re.search(r"Complete requests:\s+(\d+)", out.stdout).group(1))
+        failed = int(re.search(r"Failed requests:\s+(\d+)", out.stdout).group(1))
+        rate = float(re.search(r"Requests per second:\s+([\d.]+)", out.stdout).group(1))
+    else:  # wrk: time-bounded, one thread, a new connection per request
+        out, t = run_client(name, pin + ["wrk", "-t1", f"-c{c}", f"-d{wrk_secs}s",
+                                         "-H", "Connection: close", url])
+        done = int(re.search(r"(\d+) requests in", out.stdout).group(1))
+        rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out.stdout).group(1))
+        errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out.stdout)
+        failed = sum(int(x) for x in errs.groups()) if errs else 0
+    return {"name": name, "requests": done, "failed": failed, "req_per_sec": rate,
+            "cpu_us_per_req": t * 1e6 / max(1, done)}
+
+
+def medians(rows, keys):
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in rows]
+        out[k] = statistics.median(vals)
+        out[k + "_min"], out[k + "_max"] = min(vals), max(vals)
+    return out
+
+
+def machine():
+    def sh(*cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout.strip()
+        except OSError:
+            return "unknown"
+    model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                  if l.startswith("model name")), "unknown")
+    return {"cpu_model": model, "cpus": os.cpu_count(), "kernel": " ".join(os.uname()[2:5:2]),
+            "ringlab": sh(BIN, "--version"), "git_revision": sh("git", "describe", "--always", "--dirty", "--abbrev=12"),
+            "haproxy": sh("haproxy", "-v").splitlines()[0] if shutil.which("haproxy") else "missing",
+            "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
+            "wrk": (sh("wrk", "--version") or "wrk").splitlines()[0],
+            "started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "command": " ".join(sys.argv)}
+
+
+def haproxy_cfg(path, cores, port):
+    nofile = os.sysconf("SC_OPEN_MAX")
+    maxconn = max(1000, min(8000, (nofile - 200) // 2))
+    servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(BACKENDS))
+    with open(path, "w") as f:
+        f.write(f"""global
+    nbthread {cores}
+    cpu-map auto:1/1-{cores} 0-{cores - 1}
+    maxconn {maxconn}
+defaults
+    mode tcp
+    timeout connect 1s
+    timeout client 30s
+    timeout server 30s
+frontend fe
+    bind 127.0.0.1:{port}
+    default_backend be
+backend be
+    balance roundrobin
+{servers}
+""")
+
+
+def nginx_conf(path, tmp, cores, stream_port=None, http_port=None, cpu_mask=None):
+    ups = " ".join(f"server 127.0.0.1:{p};" for p in BACKENDS)
+    body = ""
+    head = ""
+    if stream_port:
+        head = "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n"
+        body = f"stream {{ upstream be {{ {ups} }} server {{ listen 127.0.0.1:{stream_port} reuseport; proxy_pass be; proxy_connect_timeout 1s; }} }}\n"
+    if http_port:
+        body = f"""http {{ access_log off; keepalive_timeout 0;
+  server {{ listen 127.0.0.1:{http_port} reuseport; location / {{ return 200 "pong\\n"; }} }} }}\n"""
+    affinity = cpu_mask or " ".join(format(1 << i, "b") for i in range(cores))
+    name = os.path.basename(path)
+    with open(path, "w") as f:
+        f.write(f"""{head}worker_processes {cores};
+worker_cpu_affinity {affinity};
+pid {tmp}/{name}.pid;
+error_log {tmp}/{name}.err;
+daemon off;
+events {{ worker_connections 4096; }}
+{body}""")
+
+
+def fmt_table(rows, cols):
+    head = "| " + " | ".join(c[0] for c in cols) + " |\n| " + " | ".join("---:" if i else "---" for i in range(len(cols))) + " |\n"
+    return head + "".join("| " + " | ".join(c[1](r) for c in cols) + " |\n" for r in rows)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=50000, help="per round at c=50")
+    ap.add_argument("--low-requests", type=int, default=10000, help="per cell at c=1..5")
+    ap.add_argument("--concurrency", type=int, default=50)
+    ap.add_argument("--quick", action="store_true", help="tiny run to check the script works")
+    ap.add_argument("--out", default=os.path.join(ROOT, "results"))
+    args = ap.parse_args()
+    if args.quick:
+        args.rounds, args.requests, args.low_requests = 1, 2000, 500
+    for tool in ["haproxy", "nginx", "wrk", "ab", "taskset"]:
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is missing: apt-get install -y haproxy nginx libnginx-mod-stream wrk apache2-utils")
+    if not os.path.exists("/usr/lib/nginx/modules/ngx_stream_module.so"):
+        raise SystemExit("nginx's stream module is missing: apt-get install -y libnginx-mod-stream")
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    ncpu = os.cpu_count()
+    last = ncpu - 1
+
+    # Keep the fixed ports out of the ephemeral range for this run (TIME_WAIT from millions of
+    # client ports would otherwise collide with them), and put the old setting back afterwards.
+    reserved_path = "/proc/sys/net/ipv4/ip_local_reserved_ports"
+    old_reserved = open(reserved_path).read().strip()
+    try:
+        with open(reserved_path, "w") as f:
+            f.write(",".join(x for x in [old_reserved, RESERVED] if x))
+        atexit.register(lambda: open(reserved_path, "w").write(old_reserved))
+    except PermissionError:
+        print(f"note: not root, ports stay in the ephemeral range (sysctl net.ipv4.ip_local_reserved_ports={RESERVED})")
+
+    tmp = tempfile.mkdtemp(prefix="ringlab-compare-")
+    atexit.register(stop_all)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
+    # The backends all balancers share: one ringlab process, pinned to the last CPU.
+    start("backends", [BIN, "backend", "--cpu", str(last)] + sum((["--listen", str(p)] for p in BACKENDS), []), log_dir=tmp)
+    for p in BACKENDS:
+        wait_port(p)
+
+    results = {"machine": machine(), "balancers": {}, "low_concurrency": [], "direct": [], "clients": []}
+    for cores in sorted({1, min(2, ncpu)}):
+        lb_cpus = list(range(cores)) if cores > 1 else [0]
+        client_cpu = str(last)
+        servers = {}
+        servers["ringlab-lb"] = start(f"ringlab-lb-{cores}", [BIN, "lb", "--listen", str(PORTS["ringlab-lb"]),
+                                      "--cpus", ",".join(map(str, lb_cpus))] + sum((["--backend", str(p)] for p in BACKENDS), []), log_dir=tmp)
+        haproxy_cfg(f"{tmp}/haproxy-{cores}.cfg", cores, PORTS["haproxy"])
+        servers["haproxy"] = start(f"haproxy-{cores}", ["haproxy", "-f", f"{tmp}/haproxy-{cores}.cfg"], log_dir=tmp)
+        nginx_conf(f"{tmp}/nginx-stream-{cores}.conf", tmp, cores, stream_port=PORTS["nginx-stream"])
+        servers["nginx-stream"] = start(f"nginx-stream-{cores}", ["nginx", "-c", f"{tmp}/nginx-stream-{cores}.conf"], log_dir=tmp)
+        for name in servers:
+            wait_port(PORTS[name])
+        time.sleep(0.5)
+        rows = []
+        for r in range(args.rounds):
+            for name, proc in servers.items():
+                rows.append(measure_server(name, PORTS[name], pids_of(proc), args.requests, args.concurrency,
+                                           client_cpu, lb_cpus) | {"round": r})
+                print(f"[{cores} core(s)] round {r + 1}: {name} {rows[-1]['req_per_sec']:.0f} req/s, "
+                      f"{rows[-1]['cpu_us_per_req']:.1f} us CPU/req", flush=True)
+        results["balancers"][str(cores)] = rows
+        if cores == 1:
+            for r in range(max(1, args.rounds // 2)):
+                for c in range(1, 6):
+                    for name, proc in servers.items():
+                        results["low_concurrency"].append(measure_server(
+                            name, PORTS[name], pids_of(proc), args.low_requests, c, client_cpu, lb_cpus) | {"round": r})
+        for name, proc in servers.items():
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=15)
+        started[:] = [s for s in started if s[1].poll() is None]
+
+    # Direct servers: the server on the last CPU, the client on the first.
+    direct = {"ringlab-backend": start("ringlab-backend", [BIN, "backend", "--listen", str(PORTS["ringlab-backend"]), "--cpu", str(last)], log_dir=tmp)}
+    nginx_conf(f"{tmp}/nginx-http.conf", tmp, 1, http_port=PORTS["nginx"], cpu_mask=format(1 << last, "b"))
+    direct["nginx"] = start("nginx-http", ["nginx", "-c", f"{tmp}/nginx-http.conf"], log_dir=tmp)
+    for name in direct:
+        wait_port(PORTS[name])
+    for r in range(args.rounds):
+        for name, proc in direct.items():
+            results["direct"].append(measure_server(name, PORTS[name], pids_of(proc), args.requests, args.concurrency, "0", [last]) | {"round": r})
+    # Clients against nginx, each pinned to the first CPU.
+    wrk_secs = max(1, round(args.requests / 15000))
+    for r in range(args.rounds):
+        for name in ["ringlab-bench", "ab", "wrk"]:
+            results["clients"].append(measure_client(name, PORTS["nginx"], args.requests, args.concurrency, 0, wrk_secs) | {"round": r})
+    stop_all()
+    write(results, args)
+
+
+def write(res, args):
+    m = res["machine"]
+    folder = os.path.join(args.out, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-compare")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "compare.json"), "w") as f:
+        json.dump(res, f, indent=2)
+    keys = ["req_per_sec", "cpu_us_per_req", "p50_us", "p99_us", "ipis_per_req", "time_per_request_ms"]
+
+    def summarize(rows, group):
+        names = list(dict.fromkeys(r["name"] for r in rows))
+        return [dict(name=n, **medians([r for r in rows if r["name"] == n], group)) for n in names]
+
+    o = [f"# ringlab vs HAProxy and nginx, {m['started_utc']}\n",
+         "| | |\n| --- | --- |",
+         f"| Machine | {m['cpu_model']}, {m['cpus']} CPUs |", f"| Kernel | {m['kernel']} |",
+         f"| ringlab | {m['ringlab']} (git {m['git_revision']}) |",
+         f"| Peers | {m['haproxy']}; {m['nginx']}; {m['wrk']} |",
+         f"| Command | `{m['command']}` |",
+         f"| Method | {args.rounds} alternating rounds (A B C A B C …), medians with [min–max]; "
+         f"{args.requests} requests per round at c={args.concurrency}, a new connection per request; "
+         "CPU is user+system of the server's processes per request; IPIs are reschedule interrupts "
+         "on the server's cores per request |\n"]
+    rate = lambda r: f"{r['req_per_sec']:.0f} [{r['req_per_sec_min']:.0f}–{r['req_per_sec_max']:.0f}]"
+    cpu = lambda r: f"{r['cpu_us_per_req']:.1f} [{r['cpu_us_per_req_min']:.1f}–{r['cpu_us_per_req_max']:.1f}]"
+    for cores, rows in res["balancers"].items():
+        s = summarize(rows, keys)
+        best = max((x for x in s if x["name"] != "ringlab-lb"), key=lambda x: x["req_per_sec"])
+        lb = next(x for x in s if x["name"] == "ringlab-lb")
+        o.append(f"## Balancers on {cores} core(s), c={args.concurrency}\n")
+        o.append(f"Placement: balancer on CPU {'0' if cores == '1' else '0-1'}; backends and client on the last CPU.\n")
+        o.append(fmt_table(s, [("balancer", lambda r: r["name"]), ("req/s", rate), ("p50 µs", lambda r: f"{r['p50_us']:.0f}"),
+                               ("p99 µs", lambda r: f"{r['p99_us']:.0f}"), ("CPU µs/request", cpu),
+                               ("IPIs/request", lambda r: f"{r['ipis_per_req']:.2f}")]))
+        o.append(f"\nringlab lb / best peer ({best['name']}): **{lb['req_per_sec'] / best['req_per_sec']:.2f}×** req/s "
+                 f"(target ≥ 1.10), **{lb['cpu_us_per_req'] / min(x['cpu_us_per_req'] for x in s if x['name'] != 'ringlab-lb'):.2f}×** "
+                 "the lower peer CPU per request (target ≤ 0.80).\n")
+    if res["low_concurrency"]:
+        o.append("## Time per request through each balancer at c=1..5 (1 core, ms, median)\n")
+        names = list(dict.fromkeys(r["name"] for r in res["low_concurrency"]))
+        o.append("| c | " + " | ".join(names) + " |\n| ---: |" + " ---: |" * len(names))
+        for c in range(1, 6):
+            cells = []
+            for n in names:
+                v = [r["time_per_request_ms"] for r in res["low_concurrency"] if r["name"] == n and r["concurrency"] == c]
+                cells.append(f"{statistics.median(v):.3f}")
+            o.append(f"| {c} | " + " | ".join(cells) + " |")
+        o.append("")
+    s = summarize(res["direct"], keys)
+    o.append(f"## Direct servers, c={args.concurrency} (server on the last CPU, client on CPU 0)\n")
+    o.append(fmt_table(s, [("server", lambda r: r["name"]), ("req/s", rate), ("p99 µs", lambda r: f"{r['p99_us']:.0f}"),
+                           ("CPU µs/request", cpu), ("IPIs/request", lambda r: f"{r['ipis_per_req']:.2f}")]))
+    s = summarize(res["clients"], ["req_per_sec", "cpu_us_per_req"])
+    o.append(f"\n## Clients against nginx, c={args.concurrency}, pinned to CPU 0\n")
+    o.append(fmt_table(s, [("client", lambda r: r["name"]), ("req/s", rate), ("client CPU µs/request", cpu)]))
+    o.append("\n`compare.json` holds every round.\n")
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write("\n".join(o))
+    print("\n".join(o))
+    print(f"wrote {folder}")
+
+
+if __name__ == "__main__":
+    main()
