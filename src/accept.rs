@@ -4,10 +4,12 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use futures_lite::future;
 use glommio::net::TcpListener;
+use glommio::sync::{Semaphore, StaticPermit};
 
 use crate::conn::{Conn, RETRIES_BEFORE_WAIT};
 use crate::shutdown::LocalStop;
@@ -26,7 +28,8 @@ const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(50);
 pub async fn run(
     listener: std::net::TcpListener,
     stop: &LocalStop,
-    mut on_conn: impl FnMut(Conn),
+    limit: &Rc<Semaphore>,
+    mut on_conn: impl FnMut(Conn, Slot),
 ) -> u64 {
     // glommio's listener does not expose its descriptor; keep the number for the fast path.
     let fd = listener.as_raw_fd();
@@ -37,7 +40,27 @@ pub async fn run(
     let mut last_report: Option<Instant> = None;
     set_nonblocking(fd, true);
     let mut empty_polls = 0;
+    let mut slot = None;
     while !stop.is_stopped() {
+        // The connection cap: at the limit, stop accepting until a connection ends. New clients
+        // then wait in the kernel's backlog (backpressure) instead of being taken and starved.
+        if slot.is_none() {
+            slot = match limit.try_acquire_static_permit(1) {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    let waited =
+                        future::or(async { limit.acquire_static_permit(1).await.ok() }, async {
+                            (&mut stopped).await;
+                            None
+                        })
+                        .await;
+                    match waited {
+                        Some(permit) => Some(permit),
+                        None => break,
+                    }
+                }
+            };
+        }
         let next = match accept_now(fd) {
             Ok(Some(conn)) => {
                 empty_polls = 0;
@@ -80,7 +103,12 @@ pub async fn run(
             None => break,
             Some(Ok(conn)) => {
                 accepted += 1;
-                on_conn(conn);
+                on_conn(
+                    conn,
+                    Slot {
+                        _permit: slot.take(),
+                    },
+                );
                 // A full backlog must not starve the connections already accepted.
                 glommio::yield_if_needed().await;
             }
@@ -102,9 +130,21 @@ pub async fn run(
         }
     }
     // Hand over what the kernel already completed: those clients are owed an answer.
+    // Stop new handshakes first, let those in flight finish, then take everything queued: a
+    // client is either served or never connected, never reset after connecting.
+    let filtered = drop_new_syns(fd);
+    if filtered {
+        glommio::timer::sleep(HANDSHAKE_GRACE).await;
+    }
+    // Past the cap too: refusing them now would reset clients the kernel already accepted.
     while let Ok(Some(conn)) = accept_now(fd) {
         accepted += 1;
-        on_conn(conn);
+        on_conn(
+            conn,
+            Slot {
+                _permit: slot.take(),
+            },
+        );
     }
     // Closing the descriptor is not enough: a cancelled io_uring accept still holds the socket,
     // which keeps listening (and completing handshakes nobody will accept) until the ring is torn
@@ -114,6 +154,80 @@ pub async fn run(
     unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     drop(listener);
     accepted
+}
+
+/// How long in-flight handshakes get to complete once new ones are dropped (loopback and LAN
+/// round trips are far shorter).
+const HANDSHAKE_GRACE: Duration = Duration::from_millis(20);
+
+/// Attaches a classic BPF filter that drops pure SYNs (new connection attempts) and passes
+/// everything else, so handshakes already under way complete and queue, and clients that arrive
+/// now retransmit their SYN until the socket is gone and then see a refused connect. The filter
+/// runs on the TCP header, whose 14th byte holds the flags. Returns whether it was attached.
+fn drop_new_syns(fd: RawFd) -> bool {
+    const LD_B_ABS: u16 = 0x30;
+    const ALU_AND_K: u16 = 0x54;
+    const JMP_JEQ_K: u16 = 0x15;
+    const RET_K: u16 = 0x06;
+    const SYN: u32 = 0x02;
+    const SYN_ACK: u32 = 0x12;
+    let program = [
+        libc::sock_filter {
+            code: LD_B_ABS,
+            jt: 0,
+            jf: 0,
+            k: 13,
+        },
+        libc::sock_filter {
+            code: ALU_AND_K,
+            jt: 0,
+            jf: 0,
+            k: SYN_ACK,
+        },
+        libc::sock_filter {
+            code: JMP_JEQ_K,
+            jt: 0,
+            jf: 1,
+            k: SYN,
+        },
+        libc::sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
+        libc::sock_filter {
+            code: RET_K,
+            jt: 0,
+            jf: 0,
+            k: u32::MAX,
+        },
+    ];
+    let prog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: `prog` points at `program`, which outlives the call; the kernel copies it.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    rc == 0
+}
+
+/// A connection's place under the cap; dropping it (when the connection ends) frees the place.
+pub struct Slot {
+    _permit: Option<StaticPermit>,
+}
+
+/// A cap of `n` concurrent connections for [`run`].
+pub fn limit(n: usize) -> Rc<Semaphore> {
+    Rc::new(Semaphore::new(n.max(1) as u64))
 }
 
 /// One non-blocking accept: `Ok(None)` when the backlog is empty.

@@ -27,6 +27,8 @@ pub struct BackendConfig {
     pub head_timeout: Duration,
     /// How long a graceful stop waits for connections already accepted.
     pub drain_timeout: Duration,
+    /// Connections served at once; past it, accepting pauses and clients wait in the backlog.
+    pub max_conns: usize,
 }
 
 impl Default for BackendConfig {
@@ -35,6 +37,7 @@ impl Default for BackendConfig {
             max_head: http::DEFAULT_MAX_HEAD,
             head_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
+            max_conns: crate::limits::default_max_conns(1),
         }
     }
 }
@@ -121,22 +124,28 @@ pub async fn serve(
     let config = Rc::new(config);
     let gate = Gate::new();
     let deadlines = Deadlines::new(Deadlines::tick_for(config.head_timeout));
+    // One cap for the executor, shared by its listeners: they share its descriptors.
+    let limit = accept::limit(config.max_conns);
     let mut contexts = Vec::new();
     let mut loops = Vec::new();
     for listener in listeners {
         let ctx = Rc::new(Listener::new(listener.local_addr()?));
         contexts.push(ctx.clone());
         let (stop, gate, config) = (stop.clone(), gate.clone(), config.clone());
-        let deadlines = deadlines.clone();
+        let (deadlines, limit) = (deadlines.clone(), limit.clone());
         loops.push(glommio::spawn_local(async move {
-            let accepted = accept::run(listener, &stop, |conn| {
-                let conn = serve_connection(
+            let accepted = accept::run(listener, &stop, &limit, |conn, slot| {
+                let served = serve_connection(
                     conn,
                     ctx.clone(),
                     config.clone(),
                     deadlines.clone(),
                     stop.clone(),
                 );
+                let conn = async move {
+                    served.await;
+                    drop(slot);
+                };
                 // The gate only refuses once closed, which happens after every loop ended.
                 if let Ok(task) = gate.spawn(conn) {
                     task.detach();

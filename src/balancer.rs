@@ -3,9 +3,12 @@
 //! done. It never looks at the bytes, so any TCP protocol passes through.
 
 use std::cell::{Cell, RefCell};
+use std::future::{Future, poll_fn};
 use std::io;
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use futures_lite::future;
@@ -14,6 +17,7 @@ use glommio::sync::Gate;
 use crate::accept;
 use crate::conn::{self, Conn};
 use crate::deadline::{Deadline, Deadlines};
+use crate::health::{Health, HealthPolicy};
 use crate::placement::{self, Executor};
 use crate::shutdown::{LocalStop, Shutdown};
 
@@ -31,11 +35,22 @@ pub struct BalancerConfig {
     pub drain_timeout: Duration,
     /// Relay buffer per direction, in bytes.
     pub buffer_size: usize,
+    /// When failed connects take a backend out of rotation, and for how long.
+    pub health: HealthPolicy,
+    /// Probe every backend with a TCP connect this often (off when `None`).
+    pub health_interval: Option<Duration>,
+    /// Replay a client's first bytes (up to this many) to the next backend when a backend closes
+    /// or resets without answering a byte. Off when `None`: replaying bytes that were not
+    /// idempotent is a hazard the operator must choose.
+    pub retry_unanswered: Option<usize>,
+    /// Client connections served at once per executor; past it, accepting pauses.
+    pub max_conns: usize,
 }
 
 impl BalancerConfig {
     /// The defaults for `backends`: 1 s connect timeout, 60 s idle timeout, 10 s drain, 16 KiB
-    /// buffers.
+    /// buffers, out of rotation after 3 failed connects for 2 s, no active probe, no replay, and
+    /// a connection cap that fits the descriptor limit (two descriptors per pair).
     pub fn new(backends: Vec<SocketAddr>) -> BalancerConfig {
         BalancerConfig {
             backends,
@@ -43,6 +58,10 @@ impl BalancerConfig {
             idle_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(10),
             buffer_size: 16 * 1024,
+            health: HealthPolicy::default(),
+            health_interval: None,
+            retry_unanswered: None,
+            max_conns: crate::limits::default_max_conns(2),
         }
     }
 }
@@ -60,6 +79,8 @@ pub struct BackendCounters {
     pub bytes_down: u64,
     /// Connect attempts that failed or timed out (the client then went to the next backend).
     pub connect_failures: u64,
+    /// Connections it closed or reset without answering a byte.
+    pub unanswered: u64,
 }
 
 /// What one balancer executor did, reported when it stops.
@@ -73,6 +94,8 @@ pub struct BalancerReport {
     pub unserved: u64,
     /// Pairs closed by the idle timeout.
     pub idle_closed: u64,
+    /// Clients whose first bytes were replayed to another backend (`retry_unanswered`).
+    pub retried: u64,
     /// Per-backend counters, in configuration order.
     pub backends: Vec<BackendCounters>,
 }
@@ -89,6 +112,7 @@ impl BalancerReport {
             mine.bytes_up += theirs.bytes_up;
             mine.bytes_down += theirs.bytes_down;
             mine.connect_failures += theirs.connect_failures;
+            mine.unanswered += theirs.unanswered;
         }
     }
 }
@@ -122,15 +146,18 @@ pub fn spawn(
     config: BalancerConfig,
     shutdown: Shutdown,
 ) -> io::Result<Vec<Executor<io::Result<BalancerReport>>>> {
+    let health = Arc::new(Health::new(&config.backends, config.health, true));
     let mut executors = Vec::new();
-    for (listener, &cpu) in listeners.into_iter().zip(cpus) {
+    for (i, (listener, &cpu)) in listeners.into_iter().zip(cpus).enumerate() {
         let name = match cpu {
             Some(cpu) => format!("lb-cpu{cpu}"),
             None => "lb".to_string(),
         };
-        let (config, stopper) = (config.clone(), shutdown.clone());
+        let (config, stopper, health) = (config.clone(), shutdown.clone(), health.clone());
+        // One executor probes for all: the table is shared.
+        let probe = i == 0;
         match placement::spawn_pinned(&name, cpu, move || async move {
-            let mut report = serve(listener, config, stopper).await?;
+            let mut report = serve(listener, config, health, probe, stopper).await?;
             report.cpu = cpu;
             Ok(report)
         }) {
@@ -152,17 +179,22 @@ pub fn spawn(
 struct Shared {
     config: BalancerConfig,
     chooser: RoundRobin,
+    health: Arc<Health>,
     counters: RefCell<Vec<BackendCounters>>,
     unserved: Cell<u64>,
+    retried: Cell<u64>,
     deadlines: Rc<Deadlines>,
     buffers: BufferPool,
 }
 
 /// Runs the balancer on the current glommio executor until `shutdown` trips, then drains
-/// (bounded by `drain_timeout`) and returns this executor's counters.
+/// (bounded by `drain_timeout`) and returns this executor's counters. `probe` runs the active
+/// health check (one executor per balancer does).
 pub async fn serve(
     listener: std::net::TcpListener,
     config: BalancerConfig,
+    health: Arc<Health>,
+    probe: bool,
     shutdown: Shutdown,
 ) -> io::Result<BalancerReport> {
     if config.backends.is_empty() {
@@ -184,15 +216,31 @@ pub async fn serve(
                 .collect(),
         ),
         chooser: RoundRobin::default(),
+        health,
         unserved: Cell::new(0),
+        retried: Cell::new(0),
         deadlines: Deadlines::new(Deadlines::tick_for(config.idle_timeout)),
         buffers: BufferPool::new(config.buffer_size),
         config,
     });
     let ticker = glommio::spawn_local(shared.deadlines.clone().run(stop.clone()));
+    let prober = match (probe, shared.config.health_interval) {
+        (true, Some(every)) => Some(glommio::spawn_local(probe_backends(
+            shared.clone(),
+            every,
+            stop.clone(),
+        ))),
+        _ => None,
+    };
     let gate = Gate::new();
-    let accepted = accept::run(listener, &stop, |client| {
-        if let Ok(task) = gate.spawn(proxy(client, shared.clone())) {
+    let limit = accept::limit(shared.config.max_conns);
+    let accepted = accept::run(listener, &stop, &limit, |client, slot| {
+        let shared = shared.clone();
+        let pair = async move {
+            proxy(client, shared).await;
+            drop(slot);
+        };
+        if let Ok(task) = gate.spawn(pair) {
             task.detach();
         }
     })
@@ -209,46 +257,176 @@ pub async fn serve(
         );
     }
     drop(ticker);
+    drop(prober);
     let report = BalancerReport {
         cpu: None,
         accepted,
         unserved: shared.unserved.get(),
         idle_closed: shared.deadlines.fired(),
+        retried: shared.retried.get(),
         backends: shared.counters.borrow().clone(),
     };
     Ok(report)
 }
 
-/// Connects `client` to the first backend that answers, starting where the chooser says.
-async fn proxy(client: Conn, shared: Rc<Shared>) {
-    let count = shared.config.backends.len();
-    let first = shared.chooser.first(count);
-    let mut server = None;
-    for step in 0..count {
-        let idx = (first + step) % count;
-        let addr = shared.config.backends[idx];
-        match conn::connect(addr, shared.config.connect_timeout).await {
-            Ok(stream) => {
-                server = Some((idx, stream));
-                break;
+/// The active health check: a TCP connect to every backend each `every`.
+async fn probe_backends(shared: Rc<Shared>, every: Duration, stop: LocalStop) {
+    while !stop.is_stopped() {
+        for (i, &addr) in shared.config.backends.iter().enumerate() {
+            match conn::connect(addr, shared.config.connect_timeout).await {
+                Ok(_) => shared.health.success(i),
+                Err(e) => shared.health.failure(i, &e),
             }
-            Err(_) => shared.counters.borrow_mut()[idx].connect_failures += 1,
         }
+        let stopped = async {
+            stop.stopped().await;
+        };
+        future::or(glommio::timer::sleep(every), stopped).await;
     }
-    let Some((idx, server)) = server else {
-        // Dropping the client closes it at once: no backend means no hang.
-        shared.unserved.set(shared.unserved.get() + 1);
-        return;
-    };
-    shared.counters.borrow_mut()[idx].connections += 1;
-    let (up, down) = relay(client, server, &shared).await;
-    let mut counters = shared.counters.borrow_mut();
-    counters[idx].bytes_up += up;
-    counters[idx].bytes_down += down;
 }
 
-/// Relays both directions until both have ended; returns bytes moved (up, down).
-async fn relay(client: Conn, server: Conn, shared: &Shared) -> (u64, u64) {
+/// Serves one client: connects it to a backend, relays, and with `retry_unanswered` replays its
+/// first bytes to the next backend when one goes away without answering. Each backend is tried
+/// at most once per client, so a client never waits on more than one round of the backends.
+async fn proxy(client: Conn, shared: Rc<Shared>) {
+    let count = shared.config.backends.len();
+    let mut next = shared.chooser.first(count);
+    let mut tries_left = count;
+    let replay = shared
+        .config
+        .retry_unanswered
+        .map(|cap| RefCell::new(Replay::new(cap)));
+    loop {
+        let Some((idx, server)) = connect_next(&shared, &mut next, &mut tries_left).await else {
+            // Dropping the client closes it at once: no backend means no hang.
+            shared.unserved.set(shared.unserved.get() + 1);
+            return;
+        };
+        if let Some(replay) = &replay {
+            // A copy, so no borrow is held across the write (this is the rare replay path).
+            let (bytes, client_done) = {
+                let r = replay.borrow();
+                (r.bytes.clone(), r.client_done)
+            };
+            if !bytes.is_empty() && server.write_all(&bytes).await.is_err() {
+                unanswered(&shared, idx);
+                continue;
+            }
+            if client_done {
+                let _ = server.shutdown_write();
+            }
+        }
+        shared.counters.borrow_mut()[idx].connections += 1;
+        let end = relay(&client, server, &shared, replay.as_ref()).await;
+        let mut counters = shared.counters.borrow_mut();
+        counters[idx].bytes_up += end.up;
+        counters[idx].bytes_down += end.down;
+        drop(counters);
+        if !end.unanswered {
+            return;
+        }
+        unanswered(&shared, idx);
+        let can_replay = replay.as_ref().is_some_and(|r| !r.borrow().overflowed);
+        if !can_replay || tries_left == 0 {
+            return;
+        }
+        shared.retried.set(shared.retried.get() + 1);
+    }
+}
+
+fn unanswered(shared: &Shared, idx: usize) {
+    shared.counters.borrow_mut()[idx].unanswered += 1;
+}
+
+/// Connects to the next backend in rotation order that is in rotation (or every one in turn when
+/// all are out, so a recovered backend is found at once), spending one try per attempt.
+async fn connect_next(
+    shared: &Shared,
+    next: &mut usize,
+    tries_left: &mut usize,
+) -> Option<(usize, Conn)> {
+    let count = shared.config.backends.len();
+    let all_down = shared.health.all_down();
+    let mut skipped = 0;
+    while *tries_left > 0 && skipped < count {
+        let idx = *next % count;
+        *next = idx + 1;
+        if !all_down && !shared.health.usable(idx) {
+            skipped += 1;
+            continue;
+        }
+        *tries_left -= 1;
+        let addr = shared.config.backends[idx];
+        match conn::connect(addr, shared.config.connect_timeout).await {
+            Ok(server) => {
+                shared.health.success(idx);
+                return Some((idx, server));
+            }
+            Err(e) => {
+                shared.counters.borrow_mut()[idx].connect_failures += 1;
+                shared.health.failure(idx, &e);
+            }
+        }
+    }
+    None
+}
+
+/// What a client sent before its backend answered, kept for a replay.
+struct Replay {
+    bytes: Vec<u8>,
+    cap: usize,
+    /// More than `cap` bytes came before an answer: no replay is possible.
+    overflowed: bool,
+    /// The backend answered: the bytes are no longer needed.
+    answered: bool,
+    /// The client half-closed before the answer; a replay must half-close too.
+    client_done: bool,
+}
+
+impl Replay {
+    fn new(cap: usize) -> Replay {
+        Replay {
+            bytes: Vec::new(),
+            cap,
+            overflowed: false,
+            answered: false,
+            client_done: false,
+        }
+    }
+
+    fn keep(&mut self, data: &[u8]) {
+        if self.answered || self.overflowed {
+            return;
+        }
+        if self.bytes.len() + data.len() > self.cap {
+            self.overflowed = true;
+            self.bytes = Vec::new();
+        } else {
+            self.bytes.extend_from_slice(data);
+        }
+    }
+
+    fn may_retry(&self) -> bool {
+        !self.answered && !self.overflowed
+    }
+}
+
+/// How a relay ended.
+struct RelayEnd {
+    up: u64,
+    down: u64,
+    /// The backend closed or reset before sending a byte, and a replay is possible.
+    unanswered: bool,
+}
+
+/// Relays both directions until both have ended, or until the backend goes away unanswered while
+/// a replay is possible (then the client is left open for the next backend).
+async fn relay(
+    client: &Conn,
+    server: Conn,
+    shared: &Shared,
+    replay: Option<&RefCell<Replay>>,
+) -> RelayEnd {
     // Declared after the connections, so it is deregistered before they close.
     let deadline = shared.deadlines.arm(
         [client.fd(), server.fd()],
@@ -258,30 +436,88 @@ async fn relay(client: Conn, server: Conn, shared: &Shared) -> (u64, u64) {
     let mut up_buf = shared.buffers.take();
     let mut down_buf = shared.buffers.take();
     let ended = Cell::new(false);
-    let up = pump(&client, &server, &mut up_buf, &deadline, &ended);
-    let down = pump(&server, &client, &mut down_buf, &deadline, &ended);
-    let (up, down) = future::zip(up, down).await;
+    let end = {
+        let up = pump_up(client, &server, &mut up_buf, &deadline, &ended, replay);
+        let down = pump_down(&server, client, &mut down_buf, &deadline, &ended, replay);
+        both_or_unanswered(up, down).await
+    };
     shared.buffers.give(up_buf);
     shared.buffers.give(down_buf);
-    (up, down)
+    end
 }
 
-/// Copies `from` → `to` until `from` ends, then half-closes `to` so the far side sees the end too
-/// (unless the other direction already ended: the close that follows sends that FIN, for one
-/// syscall less). On an error (a reset, a failed write) it shuts both sockets down, which ends the
-/// opposite pump as well: a pair never waits on a dead half. Each read that moves bytes pushes the
-/// idle deadline back.
-async fn pump(
+/// Waits for both pumps, except that an unanswered backend ends the relay at once (dropping the
+/// client pump, which never loses bytes: it keeps them for the replay before writing).
+async fn both_or_unanswered(
+    up: impl Future<Output = u64>,
+    down: impl Future<Output = Down>,
+) -> RelayEnd {
+    let mut up = std::pin::pin!(up);
+    let mut down = std::pin::pin!(down);
+    let (mut up_total, mut down_total) = (None, None);
+    poll_fn(|cx| {
+        if up_total.is_none() {
+            if let Poll::Ready(n) = up.as_mut().poll(cx) {
+                up_total = Some(n);
+            }
+        }
+        if down_total.is_none() {
+            if let Poll::Ready(d) = down.as_mut().poll(cx) {
+                if let Down::Unanswered = d {
+                    // Leave the client open for the replay; stop reading from it here.
+                    return Poll::Ready(RelayEnd {
+                        up: up_total.unwrap_or(0),
+                        down: 0,
+                        unanswered: true,
+                    });
+                }
+                down_total = Some(d.bytes());
+            }
+        }
+        match (up_total, down_total) {
+            (Some(up), Some(down)) => Poll::Ready(RelayEnd {
+                up,
+                down,
+                unanswered: false,
+            }),
+            _ => Poll::Pending,
+        }
+    })
+    .await
+}
+
+enum Down {
+    Done(u64),
+    Unanswered,
+}
+
+impl Down {
+    fn bytes(&self) -> u64 {
+        match self {
+            Down::Done(n) => *n,
+            Down::Unanswered => 0,
+        }
+    }
+}
+
+/// Client → backend. Bytes are kept for a replay before they are written, so a backend dying
+/// mid-write loses nothing. On the client's end it half-closes the backend (unless the other
+/// direction already ended: the close that follows sends that FIN, for one syscall less).
+async fn pump_up(
     from: &Conn,
     to: &Conn,
     buf: &mut [u8],
     deadline: &Deadline,
     other_ended: &Cell<bool>,
+    replay: Option<&RefCell<Replay>>,
 ) -> u64 {
     let mut total = 0u64;
     loop {
         let n = match from.read(buf).await {
             Ok(0) => {
+                if let Some(r) = replay {
+                    r.borrow_mut().client_done = true;
+                }
                 if !other_ended.replace(true) {
                     let _ = to.shutdown_write();
                 }
@@ -294,9 +530,68 @@ async fn pump(
             }
         };
         deadline.extend();
+        let retrying = replay.is_some_and(|r| {
+            let mut r = r.borrow_mut();
+            r.keep(&buf[..n]);
+            r.may_retry()
+        });
+        if to.write_all(&buf[..n]).await.is_err() {
+            if retrying {
+                // Only the backend's side: the client stays open for the replay, and the
+                // backend pump sees the end and reports it unanswered.
+                let _ = conn::shutdown(to.fd(), libc::SHUT_RDWR);
+            } else {
+                deadline.fire_now();
+            }
+            return total;
+        }
+        total += n as u64;
+    }
+}
+
+/// Backend → client. A backend that ends before its first byte while a replay is possible is
+/// reported unanswered instead of passing the end on to the client.
+async fn pump_down(
+    from: &Conn,
+    to: &Conn,
+    buf: &mut [u8],
+    deadline: &Deadline,
+    other_ended: &Cell<bool>,
+    replay: Option<&RefCell<Replay>>,
+) -> Down {
+    let mut total = 0u64;
+    loop {
+        let read = from.read(buf).await;
+        if total == 0
+            && matches!(read, Ok(0) | Err(_))
+            && replay.is_some_and(|r| r.borrow().may_retry())
+        {
+            return Down::Unanswered;
+        }
+        let n = match read {
+            Ok(0) => {
+                if !other_ended.replace(true) {
+                    let _ = to.shutdown_write();
+                }
+                return Down::Done(total);
+            }
+            Ok(n) => n,
+            Err(_) => {
+                deadline.fire_now();
+                return Down::Done(total);
+            }
+        };
+        if total == 0 {
+            if let Some(r) = replay {
+                let mut r = r.borrow_mut();
+                r.answered = true;
+                r.bytes = Vec::new();
+            }
+        }
+        deadline.extend();
         if to.write_all(&buf[..n]).await.is_err() {
             deadline.fire_now();
-            return total;
+            return Down::Done(total);
         }
         total += n as u64;
     }

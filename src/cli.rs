@@ -62,6 +62,10 @@ pub struct HttpArgs {
     /// On Ctrl-C/SIGTERM, how long to let accepted connections finish before exiting.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
+    /// Connections served at once; past it, accepting pauses and clients wait in the kernel's
+    /// backlog [default: what the descriptor limit allows, at most 10000].
+    #[arg(long, value_name = "N")]
+    pub max_conns: Option<usize>,
 }
 
 /// `ringlab lb`.
@@ -94,6 +98,29 @@ pub struct LbArgs {
     /// Relay buffer per direction, in bytes.
     #[arg(long, value_name = "BYTES", default_value_t = 16384)]
     pub buffer_size: usize,
+    /// Consecutive failed connects that take a backend out of rotation.
+    #[arg(long, value_name = "N", default_value_t = 3)]
+    pub fail_threshold: u32,
+    /// How long a backend stays out of rotation before one connection tries it again.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub cooldown: Duration,
+    /// Also probe every backend with a TCP connect this often (off unless given).
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub health_interval: Option<Duration>,
+    /// When a backend closes or resets a connection without answering a byte, replay the
+    /// client's first bytes to the next backend (like HAProxy's `retry-on empty-response`).
+    /// Off by default: if those bytes were not idempotent (a POST, a payment), a backend that
+    /// acted on them and then died would see them twice.
+    #[arg(long)]
+    pub retry_unanswered: bool,
+    /// Most client bytes kept for a replay; a client that sends more before the answer is not
+    /// replayed.
+    #[arg(long, value_name = "BYTES", default_value_t = 64 * 1024)]
+    pub retry_buffer: usize,
+    /// Client connections served at once per executor; past it, accepting pauses and clients
+    /// wait in the kernel's backlog [default: what the descriptor limit allows, at most 10000].
+    #[arg(long, value_name = "N")]
+    pub max_conns: Option<usize>,
 }
 
 /// `ringlab threaded`.

@@ -7,6 +7,8 @@ use crate::backend::{self, BackendConfig, ListenerStats};
 use crate::balancer::{self, BalancerConfig, BalancerReport};
 use crate::cli::{BackendArgs, BenchArgs, Command, HttpArgs, LbArgs, SweepArgs, ThreadedArgs};
 use crate::client::{self, BenchConfig, Target};
+use crate::health::HealthPolicy;
+use crate::limits;
 use crate::listen;
 use crate::placement;
 use crate::report;
@@ -18,6 +20,7 @@ use crate::topology::{NamedTarget, Placement, Ports};
 
 /// Runs one subcommand to completion. Errors carry a one-line, user-facing message.
 pub fn run(command: Command) -> io::Result<()> {
+    limits::raise_nofile();
     let shutdown = Shutdown::new();
     shutdown::trip_on_signals(&shutdown)?;
     match command {
@@ -116,6 +119,9 @@ fn http_config(args: &HttpArgs) -> BackendConfig {
         max_head: args.max_head.max(64),
         head_timeout: args.head_timeout,
         drain_timeout: args.drain_timeout,
+        max_conns: args
+            .max_conns
+            .unwrap_or_else(|| limits::default_max_conns(1)),
     }
 }
 
@@ -167,15 +173,32 @@ fn run_lb(args: LbArgs, shutdown: Shutdown) -> io::Result<()> {
         idle_timeout: args.idle_timeout,
         drain_timeout: args.drain_timeout,
         buffer_size: args.buffer_size.max(512),
+        health: HealthPolicy {
+            fail_threshold: args.fail_threshold.max(1),
+            cooldown: args.cooldown,
+        },
+        health_interval: args.health_interval,
+        retry_unanswered: args.retry_unanswered.then_some(args.retry_buffer),
+        // Two descriptors per pair, and the executors share the process's limit.
+        max_conns: args
+            .max_conns
+            .unwrap_or_else(|| limits::default_max_conns(2 * cpus.len() as u64)),
     };
     let placements: Vec<Option<usize>> = cpus.iter().copied().map(Some).collect();
-    let executors = balancer::spawn(listeners, &placements, config, shutdown)?;
+    let executors = balancer::spawn(listeners, &placements, config.clone(), shutdown)?;
     let backends: Vec<String> = args.backends.iter().map(|a| a.to_string()).collect();
     println!(
-        "ringlab lb: {local} -> [{}] round robin; {} executor(s) on CPU {}; Ctrl-C to stop",
+        "ringlab lb: {local} -> [{}] round robin; {} executor(s) on CPU {}; up to {} connections \
+         each; replay unanswered: {}; Ctrl-C to stop",
         backends.join(", "),
         cpus.len(),
-        placement::format_cpus(&cpus)
+        placement::format_cpus(&cpus),
+        config.max_conns,
+        if config.retry_unanswered.is_some() {
+            "on"
+        } else {
+            "off"
+        }
     );
     let mut reports = Vec::new();
     for ex in executors {
@@ -205,25 +228,27 @@ fn print_balancer_reports(reports: &[BalancerReport]) {
     for r in reports {
         total.merge_backends(r);
         println!(
-            "ringlab lb CPU {}: {} accepted, {} unserved (no backend up), {} closed idle",
+            "ringlab lb CPU {}: {} accepted, {} unserved (no backend up), {} closed idle, {} replayed",
             r.cpu.map_or("-".into(), |c| c.to_string()),
             r.accepted,
             r.unserved,
-            r.idle_closed
+            r.idle_closed,
+            r.retried
         );
     }
     println!(
-        "{:<22} {:>12} {:>14} {:>14} {:>16}",
-        "backend", "connections", "bytes up", "bytes down", "connect failures"
+        "{:<22} {:>12} {:>14} {:>14} {:>16} {:>11}",
+        "backend", "connections", "bytes up", "bytes down", "connect failures", "unanswered"
     );
     for b in &total.backends {
         println!(
-            "{:<22} {:>12} {:>14} {:>14} {:>16}",
+            "{:<22} {:>12} {:>14} {:>14} {:>16} {:>11}",
             b.addr.map(|a| a.to_string()).unwrap_or_default(),
             b.connections,
             b.bytes_up,
             b.bytes_down,
-            b.connect_failures
+            b.connect_failures,
+            b.unanswered
         );
     }
 }

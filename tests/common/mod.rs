@@ -46,6 +46,19 @@ impl<T> Drop for Running<T> {
     }
 }
 
+/// Wraps servers started by hand.
+pub fn running<T>(
+    addrs: Vec<SocketAddr>,
+    shutdown: Shutdown,
+    executors: Vec<Executor<std::io::Result<T>>>,
+) -> Running<T> {
+    Running {
+        addrs,
+        shutdown,
+        executors,
+    }
+}
+
 fn loopback() -> SocketAddr {
     "127.0.0.1:0".parse().unwrap()
 }
