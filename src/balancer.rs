@@ -269,11 +269,13 @@ pub async fn serve(
     Ok(report)
 }
 
-/// The active health check: a TCP connect to every backend each `every`.
+/// The active health check: a TCP connect to every backend each `every`. A probe slower than the
+/// interval counts as failed (a backend that drops SYNs while it drains answers nothing).
 async fn probe_backends(shared: Rc<Shared>, every: Duration, stop: LocalStop) {
+    let timeout = shared.config.connect_timeout.min(every);
     while !stop.is_stopped() {
         for (i, &addr) in shared.config.backends.iter().enumerate() {
-            match conn::connect(addr, shared.config.connect_timeout).await {
+            match conn::connect(addr, timeout).await {
                 Ok(_) => shared.health.success(i),
                 Err(e) => shared.health.failure(i, &e),
             }

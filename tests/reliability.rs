@@ -336,8 +336,15 @@ fn slow_and_hostile_clients_do_not_slow_anyone_else() {
             }
         }));
     }
+    // One more slow client, watched: the server must cut it off with a 408.
+    let mut watched = TcpStream::connect(addr).unwrap();
+    watched.write_all(b"GET / HTTP/1.1\r\nX: ").unwrap();
+    let pests_started = Instant::now();
     std::thread::sleep(Duration::from_millis(200));
     let r = client::run(bench_config(addr, 2000, 4)).unwrap();
+    // Keep the slow clients going past their head timeout (500 ms, checked every 125 ms).
+    let past_timeout = Duration::from_millis(900);
+    std::thread::sleep(past_timeout.saturating_sub(pests_started.elapsed()));
     done.store(true, Ordering::Relaxed);
     for p in pests {
         p.join().unwrap();
@@ -345,11 +352,13 @@ fn slow_and_hostile_clients_do_not_slow_anyone_else() {
     assert_eq!(r.complete, 2000);
     assert_eq!(r.failed.total(), 0, "{:?}", r.failed);
     assert_eq!(get(addr).len(), 122);
+    watched
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut cut_off = Vec::new();
+    let _ = watched.read_to_end(&mut cut_off);
+    assert!(cut_off.starts_with(b"HTTP/1.1 408 "), "{cut_off:?}");
     let stats = &b.stop()[0][0];
-    assert!(
-        stats.timed_out > 0,
-        "the slow clients were never timed out: {stats:?}"
-    );
     assert!(
         stats.refused > 0,
         "the garbage was never refused: {stats:?}"
