@@ -564,9 +564,15 @@ async fn pump_down(
     let mut total = 0u64;
     loop {
         let read = from.read(buf).await;
+        // Unanswered means the backend went away first: a backend that closes after the client
+        // has finished sending (a connect-and-close probe, a half-closed request it refused)
+        // ended a complete exchange, and is not replayed.
         if total == 0
             && matches!(read, Ok(0) | Err(_))
-            && replay.is_some_and(|r| r.borrow().may_retry())
+            && replay.is_some_and(|r| {
+                let r = r.borrow();
+                r.may_retry() && !r.client_done
+            })
         {
             return Down::Unanswered;
         }

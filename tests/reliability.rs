@@ -415,3 +415,17 @@ fn running_out_of_descriptors_pauses_accepting_and_recovers() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("accept paused"), "{err}");
 }
+
+#[test]
+fn a_client_that_closes_without_sending_is_not_replayed() {
+    let b = backend(2);
+    let mut config = BalancerConfig::new(b.addrs.clone());
+    config.retry_unanswered = Some(1024);
+    let lb = balancer_with(config, 1);
+    for _ in 0..4 {
+        drop(TcpStream::connect(lb.addr()).unwrap());
+    }
+    assert_eq!(get(lb.addr()).len(), 122);
+    let report = &lb.stop()[0];
+    assert_eq!(report.retried, 0, "{report:?}");
+}
