@@ -127,23 +127,25 @@ def chaos(sig, n):
 
 
 def idle(n_idle, n):
+    # A head timeout longer than the scenario, so the idle connections are really held (with the
+    # default 10 s the server would rightly close them while they are still being opened).
     b = start("backend-idle", "backend", "--listen", str(BACKENDS[0]), "--cpu", str(LAST),
-              "--max-conns", str(n_idle + 1000))
+              "--max-conns", str(n_idle + 1000), "--head-timeout", "120s")
     wait_port(BACKENDS[0])
-    held = []
-    for _ in range(n_idle):
-        held.append(socket.create_connection(("127.0.0.1", BACKENDS[0])))
+    held = [socket.create_connection(("127.0.0.1", BACKENDS[0])) for _ in range(n_idle)]
     time.sleep(0.5)
     d = bench(BACKENDS[0], n, 10)
-    alive = 0
-    for s in held:
+
+    def still_open(s):
         s.setblocking(False)
         try:
-            alive += s.recv(1) == b"" and 0 or 0
+            return s.recv(1) != b""  # data would be a protocol error; b"" is a close
         except BlockingIOError:
-            alive += 1  # still open, nothing to read
+            return True  # open, nothing to read
         except OSError:
-            pass
+            return False
+
+    alive = sum(still_open(s) for s in held)
     for s in held:
         s.close()
     stop(b)

@@ -9,9 +9,13 @@
 //! - reads and writes are one `recv`/`send` with `MSG_DONTWAIT`, no poll armed;
 //! - on `EAGAIN` a read first yields to the executor's other tasks a few times and retries: under
 //!   load the bytes usually arrive meanwhile, and a retry costs one cheap syscall;
-//! - only then does it wait, on a throwaway glommio stream over a `dup` of the socket, whose one
-//!   creation poll is exactly the wait wanted (no early re-arm after the read).
+//! - only then does the socket become a glommio stream, whose creation poll is exactly the wait
+//!   wanted; the (rarer) waits after that go through glommio's own read.
+//!
+//! Nothing is duplicated: an idle connection costs one descriptor, so a server can hold as many
+//! idle clients as its descriptor limit allows.
 
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
@@ -26,29 +30,45 @@ pub const RETRIES_BEFORE_WAIT: usize = 2;
 
 /// A connected TCP socket owned by the current executor.
 pub struct Conn {
-    fd: OwnedFd,
+    fd: RawFd,
+    // Interior mutability lets a relay read one direction while writing the other; each borrow
+    // lasts a single poll, never across an await.
+    inner: RefCell<Inner>,
+}
+
+enum Inner {
+    /// Never waited on: a plain descriptor.
+    Raw(OwnedFd),
+    /// Waited on at least once: glommio owns the descriptor now. `fresh` is true while the
+    /// read poll armed at creation has not been used for a wait.
+    Stream { stream: TcpStream, fresh: bool },
+    /// Transient, while converting.
+    Empty,
 }
 
 impl Conn {
     /// Wraps a connected socket.
     pub fn new(fd: OwnedFd) -> Conn {
-        Conn { fd }
+        Conn {
+            fd: fd.as_raw_fd(),
+            inner: RefCell::new(Inner::Raw(fd)),
+        }
     }
 
     /// Takes over the socket of a glommio stream (the slow accept path hands those out).
     pub fn from_stream(stream: TcpStream) -> Conn {
-        // glommio's stream has no `into_raw_fd`: keep a duplicate and let the stream close its
-        // own descriptor. Its creation poll, never submitted, is dropped without a kernel call.
-        // SAFETY: dup of a live descriptor; on failure (-1) the error surfaces on first use.
-        let fd = unsafe { libc::dup(stream.as_raw_fd()) };
-        drop(stream);
-        // SAFETY: a fresh descriptor from `dup`, owned from here on.
-        Conn::new(unsafe { OwnedFd::from_raw_fd(fd) })
+        Conn {
+            fd: stream.as_raw_fd(),
+            inner: RefCell::new(Inner::Stream {
+                stream,
+                fresh: true,
+            }),
+        }
     }
 
     /// The socket's descriptor (for shutdown by a deadline and for socket options).
     pub fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.fd
     }
 
     /// Reads into `buf`; 0 means the peer closed (or the read side was shut down).
@@ -56,28 +76,36 @@ impl Conn {
         if buf.is_empty() {
             return Ok(0);
         }
-        loop {
-            for attempt in 0..=RETRIES_BEFORE_WAIT {
-                if let Some(done) = try_recv(self.fd(), buf) {
-                    return done;
-                }
-                if attempt < RETRIES_BEFORE_WAIT {
-                    glommio::executor().yield_now().await;
-                }
+        for attempt in 0..=RETRIES_BEFORE_WAIT {
+            if let Some(done) = try_recv(self.fd, buf) {
+                return done;
             }
-            self.wait_readable().await?;
+            if attempt < RETRIES_BEFORE_WAIT {
+                glommio::executor().yield_now().await;
+            }
         }
+        if self.take_fresh_poll() {
+            // The creation poll is pending, so an empty read waits for it, then returns 0
+            // without reading (and without glommio arming a further poll).
+            poll_fn(|cx| Pin::new(self.stream().as_mut().unwrap()).poll_read(cx, &mut [])).await?;
+            if let Some(done) = try_recv(self.fd, buf) {
+                return done;
+            }
+        }
+        // Waited before (or woke with nothing to read): glommio arms a poll and reads.
+        poll_fn(|cx| Pin::new(self.stream().as_mut().unwrap()).poll_read(cx, buf)).await
     }
 
     /// Writes all of `buf`.
     pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
-            let n = match try_send(self.fd(), buf) {
+            let n = match try_send(self.fd, buf) {
                 Some(r) => r?,
                 // The socket buffer is full: let glommio wait for room and send.
                 None => {
-                    let mut waiter = self.waiter()?;
-                    poll_fn(|cx| Pin::new(&mut waiter).poll_write(cx, buf)).await?
+                    self.ensure_stream();
+                    poll_fn(|cx| Pin::new(self.stream().as_mut().unwrap()).poll_write(cx, buf))
+                        .await?
                 }
             };
             if n == 0 {
@@ -90,23 +118,49 @@ impl Conn {
 
     /// Sends a FIN: the peer reads end-of-file, and can still send to us.
     pub fn shutdown_write(&self) -> io::Result<()> {
-        shutdown(self.fd(), libc::SHUT_WR)
+        shutdown(self.fd, libc::SHUT_WR)
     }
 
-    /// Waits until the socket is readable (data, end-of-file, an error, or a shutdown).
-    async fn wait_readable(&self) -> io::Result<()> {
-        let mut waiter = self.waiter()?;
-        // The waiter's creation poll is pending, so an empty read waits for it, then returns 0
-        // without reading (and without glommio arming a further poll).
-        poll_fn(|cx| Pin::new(&mut waiter).poll_read(cx, &mut [])).await?;
-        Ok(())
+    /// Makes the socket a glommio stream (arming its creation poll) if it is not one yet.
+    fn ensure_stream(&self) {
+        let mut inner = self.inner.borrow_mut();
+        if let Inner::Raw(_) = &*inner {
+            let Inner::Raw(fd) = std::mem::replace(&mut *inner, Inner::Empty) else {
+                unreachable!()
+            };
+            // SAFETY: the descriptor is owned here and moves into the stream.
+            let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+            *inner = Inner::Stream {
+                stream,
+                fresh: true,
+            };
+        }
     }
 
-    /// A throwaway glommio stream over a duplicate of the socket.
-    fn waiter(&self) -> io::Result<TcpStream> {
-        let dup = self.fd.try_clone()?;
-        // SAFETY: `dup` is a fresh descriptor of this socket; ownership moves into the stream.
-        Ok(unsafe { TcpStream::from_raw_fd(dup.into_raw_fd()) })
+    /// Ensures a stream and reports (and consumes) whether its creation poll is still unused.
+    fn take_fresh_poll(&self) -> bool {
+        self.ensure_stream();
+        match &mut *self.inner.borrow_mut() {
+            Inner::Stream { fresh, .. } => std::mem::replace(fresh, false),
+            _ => false,
+        }
+    }
+
+    /// The glommio stream, once [`Conn::ensure_stream`] made one.
+    fn stream(&self) -> StreamRef<'_> {
+        StreamRef(self.inner.borrow_mut())
+    }
+}
+
+/// A borrowed view of the stream inside a [`Conn`] for one poll.
+struct StreamRef<'a>(std::cell::RefMut<'a, Inner>);
+
+impl StreamRef<'_> {
+    fn as_mut(&mut self) -> Option<&mut TcpStream> {
+        match &mut *self.0 {
+            Inner::Stream { stream, .. } => Some(stream),
+            _ => None,
+        }
     }
 }
 
@@ -182,15 +236,20 @@ pub async fn connect(addr: std::net::SocketAddr, timeout: std::time::Duration) -
         Err(e) => return Err(e),
     }
     let conn = Conn::new(OwnedFd::from(socket));
-    if let Some(done) = try_send(conn.fd(), &[]) {
+    if let Some(done) = try_send(conn.fd, &[]) {
         done?;
         return Ok(conn);
     }
-    let mut waiter = conn.waiter()?;
-    waiter.set_write_timeout(Some(timeout))?;
+    conn.ensure_stream();
+    conn.stream()
+        .as_mut()
+        .unwrap()
+        .set_write_timeout(Some(timeout))?;
     // A zero-length write on a socket still connecting gets EAGAIN, so glommio waits for
     // writability, then sends nothing.
-    match poll_fn(|cx| Pin::new(&mut waiter).poll_write(cx, &[])).await {
+    let waited = poll_fn(|cx| Pin::new(conn.stream().as_mut().unwrap()).poll_write(cx, &[])).await;
+    conn.stream().as_mut().unwrap().set_write_timeout(None)?;
+    match waited {
         Ok(_) => Ok(conn),
         Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(io::Error::new(
             io::ErrorKind::TimedOut,
