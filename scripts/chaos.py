@@ -91,8 +91,9 @@ def bench(port, n, c, extra=()):
 def lb_counters(p):
     """Stops the balancer and parses the counters it prints."""
     stop(p)
-    text = open(os.path.join(TMP, "lb.log")).read().split("ringlab lb:")[-1]
-    return text
+    text = open(os.path.join(TMP, "lb.log")).read()
+    # The counters follow the drain message of the last stop.
+    return text.rsplit("draining (send it again to stop at once)\n", 1)[-1]
 
 
 def chaos(sig, n):
@@ -246,7 +247,16 @@ def main():
     ap.add_argument("--soak-requests", type=int, default=1_000_000)
     ap.add_argument("--idle", type=int, default=10_000)
     ap.add_argument("--out", default=os.path.join(ROOT, "results"))
+    ap.add_argument("--render", metavar="CHAOS_JSON", help="rewrite README.md from a saved chaos.json")
     args = ap.parse_args()
+    if args.render:
+        res = json.load(open(args.render))
+        for name in ("term", "kill", "soak"):
+            if name in res:
+                res[name]["lb_report"] = res[name]["lb_report"].rsplit(
+                    "draining (send it again to stop at once)\n", 1)[-1]
+        write(res, os.path.dirname(os.path.abspath(args.render)), folder=os.path.dirname(os.path.abspath(args.render)))
+        return
     subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
     atexit.register(stop_all)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
@@ -280,13 +290,13 @@ def summary(r):
             f"{b['requests_per_sec']:.0f} req/s; after restart: {r['after_restart_spread']}")
 
 
-def write(res, out):
-    folder = os.path.join(out, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-chaos")
+def write(res, out, folder=None):
+    folder = folder or os.path.join(out, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-chaos")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "chaos.json"), "w") as f:
         json.dump(res, f, indent=2)
     o = [f"# ringlab on a bad day, {res['started_utc']}\n",
-         f"ringlab {res['ringlab']} (git {res['git_revision']}), {res['kernel']}, {res['cpus']} CPUs; "
+         f"{res['ringlab']} (git {res['git_revision']}), {res['kernel']}, {res['cpus']} CPUs; "
          f"backends on CPU {LAST}, balancer on CPU 0, client on CPU {LAST}. Command: `{res['command']}`\n"]
     for name, label in [("term", "SIGTERM"), ("kill", "SIGKILL")]:
         if name in res:
@@ -297,7 +307,7 @@ def write(res, out):
                   f"- failed: **{b['failed_total']}** {b['failed']}",
                   f"- responses per backend over the run: {b['backends']}",
                   f"- a burst after the restart: {r['after_restart_spread']}",
-                  "- balancer counters at its stop:\n\n```" + r["lb_report"].rstrip() + "\n```\n"]
+                  "- balancer counters at its stop:\n\n```\n" + r["lb_report"].strip() + "\n```\n"]
     if "idle" in res:
         r = res["idle"]
         o += ["## Idle connections\n",
