@@ -2,13 +2,16 @@
 //! spinning when the process runs out of descriptors or memory, and on a graceful stop hands over
 //! the connections already queued in the kernel backlog instead of resetting them.
 
+use std::future::poll_fn;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use futures_lite::AsyncRead;
 use futures_lite::future;
-use glommio::net::TcpListener;
+use glommio::net::TcpStream;
 use glommio::sync::{Semaphore, StaticPermit};
 
 use crate::conn::{Conn, RETRIES_BEFORE_WAIT};
@@ -22,23 +25,26 @@ const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(50);
 /// calling `on_conn` for each connection, including those still in the backlog when the stop
 /// comes. Returns how many connections were accepted.
 ///
-/// Under load the backlog is rarely empty, so connections are first taken with one non-blocking
-/// `accept4` each; only when the queue is empty does the loop wait in io_uring through glommio.
-/// (glommio's own accept costs three `fcntl`s around every `accept`, which the profile showed.)
+/// Connections are taken with one non-blocking `accept4` each (glommio's accept costs three
+/// `fcntl`s around every `accept`, which the profile showed). When the queue is empty the loop
+/// waits in io_uring for the listener to become readable, never in an io_uring accept: a stop
+/// cancels the wait, and cancelling an accept that the kernel had just completed would orphan
+/// that connection (a test caught a client left hanging that way).
 pub async fn run(
     listener: std::net::TcpListener,
     stop: &LocalStop,
     limit: &Rc<Semaphore>,
     mut on_conn: impl FnMut(Conn, Slot),
 ) -> u64 {
-    // glommio's listener does not expose its descriptor; keep the number for the fast path.
     let fd = listener.as_raw_fd();
-    // SAFETY: the descriptor comes from an owned, bound, listening std socket; ownership moves.
-    let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
     let mut accepted = 0u64;
     let mut stopped = std::pin::pin!(stop.stopped());
     let mut last_report: Option<Instant> = None;
-    set_nonblocking(fd, true);
+    // Non-blocking for good: every accept here is a non-blocking `accept4`.
+    if let Err(err) = listener.set_nonblocking(true) {
+        eprintln!("ringlab: cannot make the listener non-blocking: {err}");
+        return 0;
+    }
     let mut empty_polls = 0;
     let mut slot = None;
     while !stop.is_stopped() {
@@ -75,27 +81,21 @@ pub async fn run(
             }
             Ok(None) => {
                 empty_polls = 0;
-                // io_uring honours O_NONBLOCK by failing with EAGAIN instead of waiting, so the
-                // descriptor is blocking only while glommio waits on it.
-                set_nonblocking(fd, false);
-                let waited = future::or(
+                let ready = future::or(
                     async {
-                        Some(
-                            listener
-                                .accept()
-                                .await
-                                .map_err(io::Error::from)
-                                .map(Conn::from_stream),
-                        )
+                        wait_readable(fd).await;
+                        true
                     },
                     async {
                         (&mut stopped).await;
-                        None
+                        false
                     },
                 )
                 .await;
-                set_nonblocking(fd, true);
-                waited
+                if ready {
+                    continue;
+                }
+                break;
             }
             Err(err) => Some(Err(err)),
         };
@@ -230,6 +230,22 @@ pub fn limit(n: usize) -> Rc<Semaphore> {
     Rc::new(Semaphore::new(n.max(1) as u64))
 }
 
+/// Waits until the listener has a connection queued. glommio exposes no bare readiness wait, so
+/// the wait is the creation poll of a throwaway glommio stream over a duplicate of the listener;
+/// the empty read that follows returns at once (with ENOTCONN, which is not looked at).
+async fn wait_readable(fd: RawFd) {
+    // SAFETY: dup of the listener the caller keeps open.
+    let dup = unsafe { libc::dup(fd) };
+    if dup < 0 {
+        // Out of descriptors: the loop's next accept reports it and backs off.
+        glommio::timer::sleep(EXHAUSTED_BACKOFF).await;
+        return;
+    }
+    // SAFETY: `dup` is a fresh descriptor; ownership moves into the stream, which closes it.
+    let mut waiter = unsafe { TcpStream::from_raw_fd(dup) };
+    let _ = poll_fn(|cx| Pin::new(&mut waiter).poll_read(cx, &mut [])).await;
+}
+
 /// One non-blocking accept: `Ok(None)` when the backlog is empty.
 fn accept_now(fd: RawFd) -> io::Result<Option<Conn>> {
     // SAFETY: `fd` is a listening socket kept open by the caller; null address pointers are
@@ -252,21 +268,6 @@ fn accept_now(fd: RawFd) -> io::Result<Option<Conn>> {
         // A client that reset while queued, or a signal: nothing to report, try again.
         io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted => accept_now(fd),
         _ => Err(err),
-    }
-}
-
-fn set_nonblocking(fd: RawFd, on: bool) {
-    // SAFETY: F_GETFL/F_SETFL on a descriptor the caller keeps open.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags >= 0 {
-            let flags = if on {
-                flags | libc::O_NONBLOCK
-            } else {
-                flags & !libc::O_NONBLOCK
-            };
-            libc::fcntl(fd, libc::F_SETFL, flags);
-        }
     }
 }
 

@@ -13,7 +13,7 @@ use glommio::sync::Gate;
 use crate::accept;
 use crate::conn::Conn;
 use crate::deadline::{Deadline, Deadlines};
-use crate::http::{self, HeadError, Kind, Responses};
+use crate::http::{self, HeadError, Kind, Reply, Responses};
 use crate::placement::{self, Executor};
 use crate::shutdown::{LocalStop, Shutdown};
 
@@ -225,17 +225,9 @@ async fn serve_connection(
         .await;
         first = false;
         let responses = ctx.responses.borrow().clone();
-        // `linger`: bytes the server will not read remain (a body, the rest of a refused head);
-        // a plain close would answer them with a reset that can destroy the response unread.
-        let (kind, consumed, linger) = match read {
-            Read::Head(head) => {
-                // The server does not read request bodies, so a request with one ends the
-                // connection rather than having its body parsed as the next request.
-                let keep = head.keep_alive && !head.has_body && !stop.is_stopped();
-                let linger = head.has_body || (!keep && head.len < filled);
-                (Kind::for_request(&head, keep), head.len, linger)
-            }
-            Read::Refused(err) => (Kind::for_error(err), filled, true),
+        let parsed = match read {
+            Read::Head(head) => Ok(head),
+            Read::Refused(err) => Err(err),
             Read::TimedOut(partial) => {
                 ctx.stats.borrow_mut().timed_out += 1;
                 if partial {
@@ -246,6 +238,11 @@ async fn serve_connection(
             }
             Read::Gone => return,
         };
+        let Reply {
+            kind,
+            consumed,
+            linger,
+        } = Reply::to(parsed, filled, stop.is_stopped());
         let sent = conn.write_all(responses.get(kind)).await;
         ctx.count(kind);
         if sent.is_err() {

@@ -231,6 +231,8 @@ pub struct BenchResult {
     pub backends: Vec<(String, u64)>,
     /// Where the client's executors ran.
     pub client_cpus: Vec<Option<usize>>,
+    /// What the first failed request ran into, if any failed.
+    pub first_error: Option<String>,
 }
 
 impl BenchResult {
@@ -334,6 +336,8 @@ struct Tally {
     servers: Vec<(Vec<u8>, u64)>,
     last_end: Option<Instant>,
     first_error: Option<String>,
+    /// Whether `first_error` is of a kind other than Connect.
+    first_error_telling: bool,
 }
 
 impl Tally {
@@ -353,6 +357,7 @@ impl Tally {
             servers: Vec::new(),
             last_end: None,
             first_error: None,
+            first_error_telling: false,
         }
     }
 
@@ -371,8 +376,9 @@ impl Tally {
             self.count_server(&name, count);
         }
         self.last_end = self.last_end.max(o.last_end);
-        if self.first_error.is_none() {
+        if self.first_error.is_none() || (o.first_error_telling && !self.first_error_telling) {
             self.first_error = o.first_error;
+            self.first_error_telling = o.first_error_telling;
         }
     }
 
@@ -517,6 +523,7 @@ fn build_result(
         },
         backends,
         client_cpus: cpus.to_vec(),
+        first_error: tally.first_error.clone(),
     }
 }
 
@@ -681,8 +688,11 @@ fn record_failure(tally: &Rc<RefCell<Tally>>, kind: Failure, why: String) {
         Failure::Length => t.failed.length += 1,
         Failure::Exception => t.failed.exceptions += 1,
     }
-    if t.first_error.is_none() {
+    // A refused connect is the least telling failure: let any other kind replace it.
+    let telling = !matches!(kind, Failure::Connect);
+    if t.first_error.is_none() || (telling && !t.first_error_telling) {
         t.first_error = Some(why);
+        t.first_error_telling = telling;
     }
 }
 

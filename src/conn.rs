@@ -55,17 +55,6 @@ impl Conn {
         }
     }
 
-    /// Takes over the socket of a glommio stream (the slow accept path hands those out).
-    pub fn from_stream(stream: TcpStream) -> Conn {
-        Conn {
-            fd: stream.as_raw_fd(),
-            inner: RefCell::new(Inner::Stream {
-                stream,
-                fresh: true,
-            }),
-        }
-    }
-
     /// The socket's descriptor (for shutdown by a deadline and for socket options).
     pub fn fd(&self) -> RawFd {
         self.fd
@@ -176,33 +165,23 @@ pub fn shutdown(fd: RawFd, how: libc::c_int) -> io::Result<()> {
 
 /// One non-blocking `recv`: `None` when it would block.
 fn try_recv(fd: RawFd, buf: &mut [u8]) -> Option<io::Result<usize>> {
-    loop {
-        // SAFETY: `buf` is valid for `buf.len()` bytes; `fd` is open while the caller holds it.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
-        if n >= 0 {
-            return Some(Ok(n as usize));
-        }
-        let err = io::Error::last_os_error();
-        match err.kind() {
-            io::ErrorKind::WouldBlock => return None,
-            io::ErrorKind::Interrupted => continue,
-            _ => return Some(Err(err)),
-        }
-    }
+    // SAFETY: `buf` is valid for `buf.len()` bytes; `fd` is open while the caller holds it.
+    nonblocking(|| unsafe {
+        libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
+    })
 }
 
 /// One non-blocking `send` (never raising SIGPIPE): `None` when it would block.
 fn try_send(fd: RawFd, buf: &[u8]) -> Option<io::Result<usize>> {
+    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    // SAFETY: `buf` is valid for `buf.len()` bytes; `fd` is open while the caller holds it.
+    nonblocking(|| unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) })
+}
+
+/// Runs a non-blocking syscall, retrying on EINTR: `None` for EAGAIN, else its result.
+fn nonblocking(mut call: impl FnMut() -> isize) -> Option<io::Result<usize>> {
     loop {
-        // SAFETY: `buf` is valid for `buf.len()` bytes; `fd` is open while the caller holds it.
-        let n = unsafe {
-            libc::send(
-                fd,
-                buf.as_ptr().cast(),
-                buf.len(),
-                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-            )
-        };
+        let n = call();
         if n >= 0 {
             return Some(Ok(n as usize));
         }

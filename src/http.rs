@@ -293,6 +293,42 @@ pub fn server_id(port: u16) -> [u8; SERVER_ID_LEN] {
     id
 }
 
+/// What a server sends for a parsed (or refused) head, and what happens to the connection after.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    /// The response.
+    pub kind: Kind,
+    /// Buffered bytes this request used; the rest belong to the next (pipelined) request.
+    pub consumed: usize,
+    /// Bytes the server will not read remain (a body, the rest of a refused head): close with a
+    /// lingering read, because a plain close would answer them with a reset that can destroy the
+    /// response before the client reads it.
+    pub linger: bool,
+}
+
+impl Reply {
+    /// The reply to `parsed`, read from `filled` buffered bytes. The servers do not read request
+    /// bodies, so a request with one ends the connection rather than having its body parsed as
+    /// the next request; `stopping` (a graceful stop) ends it too.
+    pub fn to(parsed: Result<RequestHead, HeadError>, filled: usize, stopping: bool) -> Reply {
+        match parsed {
+            Ok(head) => {
+                let keep = head.keep_alive && !head.has_body && !stopping;
+                Reply {
+                    kind: Kind::for_request(&head, keep),
+                    consumed: head.len,
+                    linger: head.has_body || (!keep && head.len < filled),
+                }
+            }
+            Err(err) => Reply {
+                kind: Kind::for_error(err),
+                consumed: filled,
+                linger: true,
+            },
+        }
+    }
+}
+
 /// Every response a server sends, pre-built for one listener and one `Date` second.
 ///
 /// Building them once a second (not per request) keeps formatting and allocation off the hot path:

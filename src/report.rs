@@ -108,6 +108,9 @@ fn text(r: &BenchResult) -> String {
             f.connect, f.receive, f.length, f.exceptions
         );
     }
+    if let Some(why) = &r.first_error {
+        let _ = writeln!(o, "First failure:          {why}");
+    }
     if r.non_2xx > 0 {
         let _ = writeln!(o, "Non-2xx responses:      {}", r.non_2xx);
     }

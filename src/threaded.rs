@@ -9,7 +9,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::backend::{BackendConfig, ListenerStats};
-use crate::http::{self, HeadError, Kind, Responses};
+use crate::http::{self, HeadError, Kind, Reply, Responses};
 use crate::shutdown::{self, Shutdown};
 
 /// Responses for the current second, shared by all connection threads. Rebuilt by whichever
@@ -190,7 +190,7 @@ fn serve_connection(
             }
         };
         let resp = responses.get();
-        let (kind, consumed, linger) = match parsed {
+        let parsed = match parsed {
             None => {
                 counters.timed_out.fetch_add(1, Ordering::Relaxed);
                 if filled > 0 {
@@ -199,14 +199,16 @@ fn serve_connection(
                 }
                 return;
             }
-            Some(Ok(Some(head))) => {
-                let keep = head.keep_alive && !head.has_body;
-                let linger = head.has_body || (!keep && head.len < filled);
-                (Kind::for_request(&head, keep), head.len, linger)
-            }
-            Some(Err(err)) => (Kind::for_error(err), filled, true),
-            Some(Ok(None)) => (Kind::for_error(HeadError::BadRequest), filled, true),
+            Some(Ok(Some(head))) => Ok(head),
+            Some(Err(err)) => Err(err),
+            // The read loop only stops on a complete or refused head.
+            Some(Ok(None)) => Err(HeadError::BadRequest),
         };
+        let Reply {
+            kind,
+            consumed,
+            linger,
+        } = Reply::to(parsed, filled, false);
         let counter = match kind.status() {
             200..=299 => &counters.ok,
             404 | 405 => &counters.not_found,

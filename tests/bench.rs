@@ -8,20 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use ringlab::client::{self, BenchConfig, BenchResult, Target};
-
-fn config(addr: SocketAddr, requests: u64, concurrency: usize) -> BenchConfig {
-    BenchConfig {
-        target: Target::from_addr(addr),
-        requests,
-        concurrency,
-        keep_alive: false,
-        time_limit: None,
-        timeout: Duration::from_secs(10),
-        cpus: vec![None],
-        stop: None,
-    }
-}
+use ringlab::client::{self, BenchResult};
 
 /// Runs ab and returns (complete, failed, total transferred, the Failed breakdown line).
 fn ab(args: &[&str], url: &str) -> (u64, u64, u64, String) {
@@ -72,7 +59,7 @@ fn breakdown(r: &BenchResult) -> String {
 fn counts_bytes_and_backends_exactly() {
     let b = backend(4);
     let lb = balancer(&b.addrs);
-    let r = client::run(config(lb.addr(), 400, 3)).unwrap();
+    let r = client::run(bench_config(lb.addr(), 400, 3)).unwrap();
     assert_eq!(r.complete, 400);
     assert_eq!(r.failed.total(), 0);
     assert_eq!(r.non_2xx, 0);
@@ -91,7 +78,7 @@ fn agrees_with_ab_on_the_same_target() {
     let b = backend(1);
     let url = format!("http://{}/", b.addr());
     let (complete, failed, total, _) = ab(&["-q", "-n", "300", "-c", "3"], &url);
-    let r = client::run(config(b.addr(), 300, 3)).unwrap();
+    let r = client::run(bench_config(b.addr(), 300, 3)).unwrap();
     assert_eq!(
         (r.complete, r.failed.total(), r.total_bytes),
         (complete, failed, total)
@@ -103,7 +90,7 @@ fn keep_alive_reuses_connections_like_ab_k() {
     let b = backend(1);
     let url = format!("http://{}/", b.addr());
     let (complete, failed, total, _) = ab(&["-q", "-k", "-n", "200", "-c", "2"], &url);
-    let mut cfg = config(b.addr(), 200, 2);
+    let mut cfg = bench_config(b.addr(), 200, 2);
     cfg.keep_alive = true;
     let r = client::run(cfg).unwrap();
     assert_eq!(
@@ -160,7 +147,7 @@ fn length_failures_are_classified_as_ab_does() {
     server.join().unwrap();
 
     let (addr, server) = flaky_server(n);
-    let r = client::run(config(addr, n as u64, 1)).unwrap();
+    let r = client::run(bench_config(addr, n as u64, 1)).unwrap();
     server.join().unwrap();
     // 10 connections closed unanswered, and 10 of the 20 answers have the other body length.
     assert_eq!(r.failed.length, 20, "{:?}", r.failed);
@@ -190,7 +177,7 @@ fn a_reset_is_a_receive_failure() {
             }
         }
     });
-    let r = client::run(config(addr, 4, 1)).unwrap();
+    let r = client::run(bench_config(addr, 4, 1)).unwrap();
     server.join().unwrap();
     assert_eq!(r.complete, 4);
     assert_eq!(r.failed.receive, 3, "{:?}", r.failed);
@@ -199,7 +186,7 @@ fn a_reset_is_a_receive_failure() {
 #[test]
 fn non_2xx_responses_are_counted_not_failed() {
     let b = backend(1);
-    let mut cfg = config(b.addr(), 20, 2);
+    let mut cfg = bench_config(b.addr(), 20, 2);
     cfg.target.path = "/missing".into();
     let r = client::run(cfg).unwrap();
     assert_eq!(r.non_2xx, 20);
@@ -212,7 +199,7 @@ fn a_dead_target_is_an_error_not_a_table_of_zeros() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let err = client::run(config(port, 100, 2)).unwrap_err();
+    let err = client::run(bench_config(port, 100, 2)).unwrap_err();
     let msg = err.to_string();
     assert!(msg.contains("did not answer"), "{msg}");
     assert!(msg.contains("refused"), "{msg}");
@@ -221,7 +208,7 @@ fn a_dead_target_is_an_error_not_a_table_of_zeros() {
 #[test]
 fn the_time_limit_stops_the_run() {
     let b = backend(1);
-    let mut cfg = config(b.addr(), u64::MAX, 2);
+    let mut cfg = bench_config(b.addr(), u64::MAX, 2);
     cfg.time_limit = Some(Duration::from_millis(300));
     let started = std::time::Instant::now();
     let r = client::run(cfg).unwrap();

@@ -42,11 +42,7 @@ fn valid_request(rng: &mut Rng) -> (Vec<u8>, Route, bool, bool) {
             0 => {
                 let v = rng.pick(&["close", "keep-alive", "Keep-Alive", "upgrade, close"]);
                 head.push_str(&format!("Connection: {v}\r\n"));
-                if v.to_ascii_lowercase().contains("close") {
-                    keep_alive = false;
-                } else {
-                    keep_alive = true;
-                }
+                keep_alive = !v.to_ascii_lowercase().contains("close");
             }
             1 if !head.contains("Content-Length") => {
                 let n = rng.below(3);
@@ -181,6 +177,9 @@ fn generated_responses_round_trip() {
             let (s, e) = parsed.server.unwrap();
             assert_eq!(&bytes[s..e], server.as_bytes());
         }
-        assert_eq!(parsed.keep_alive, minor == 1 && !(close && head.contains("Connection")));
+        assert_eq!(
+            parsed.keep_alive,
+            minor == 1 && !(close && head.contains("Connection"))
+        );
     }
 }

@@ -12,20 +12,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use ringlab::backend::BackendConfig;
 use ringlab::balancer::BalancerConfig;
-use ringlab::client::{self, BenchConfig, Target};
-
-fn bench_config(addr: SocketAddr, requests: u64, concurrency: usize) -> BenchConfig {
-    BenchConfig {
-        target: Target::from_addr(addr),
-        requests,
-        concurrency,
-        keep_alive: false,
-        time_limit: None,
-        timeout: Duration::from_secs(10),
-        cpus: vec![None],
-        stop: None,
-    }
-}
+use ringlab::client;
 
 /// A backend on a fixed address (for restarting it on the same port).
 fn backend_at(addr: SocketAddr) -> Running<Vec<ringlab::backend::ListenerStats>> {
@@ -242,44 +229,42 @@ fn endless_load(
     (std::thread::spawn(move || client::run(config)), stop)
 }
 
-#[test]
-fn a_backend_stopped_under_load_resets_nobody_it_accepted() {
-    let b = backend(1);
-    let (load, stop_load) = endless_load(b.addr());
+/// Runs a closed-loop load against `addr`, calls `stop_server` mid-run, and checks that every
+/// connection the server had accepted got its answer: after the stop new connects are refused
+/// (Connect failures), and nothing accepted was reset or cut short. Returns (answered, `stop_server`'s
+/// count of what it served).
+fn stop_under_load(addr: SocketAddr, stop_server: impl FnOnce() -> u64) -> (u64, u64) {
+    let (load, stop_load) = endless_load(addr);
     std::thread::sleep(Duration::from_millis(300));
-    let stats = b.stop();
+    let served = stop_server();
     stop_load.trigger();
     let r = load.join().unwrap().unwrap();
     assert!(r.complete > 100, "{r:?}");
-    // After the stop, new connects are refused (Connect failures, which also end the run);
-    // every connection the server had accepted got its full response.
     assert_eq!(
         r.failed.receive + r.failed.length + r.failed.exceptions,
         0,
-        "{:?}",
-        r.failed
+        "{:?}: {:?}",
+        r.failed,
+        r.first_error
     );
-    assert_eq!(stats[0][0].ok, r.complete - r.failed.connect);
+    (r.complete - r.failed.connect, served)
+}
+
+#[test]
+fn a_backend_stopped_under_load_resets_nobody_it_accepted() {
+    let b = backend(1);
+    let (answered, served) = stop_under_load(b.addr(), || b.stop()[0][0].ok);
+    assert_eq!(served, answered);
 }
 
 #[test]
 fn the_balancer_stopped_under_load_resets_nobody_it_accepted() {
     let b = backend(2);
     let lb = balancer(&b.addrs);
-    let (load, stop_load) = endless_load(lb.addr());
-    std::thread::sleep(Duration::from_millis(300));
-    let reports = lb.stop();
-    stop_load.trigger();
-    let r = load.join().unwrap().unwrap();
-    assert!(r.complete > 100, "{r:?}");
-    assert_eq!(
-        r.failed.receive + r.failed.length + r.failed.exceptions,
-        0,
-        "{:?}",
-        r.failed
-    );
-    let relayed: u64 = reports[0].backends.iter().map(|b| b.connections).sum();
-    assert_eq!(relayed, r.complete - r.failed.connect);
+    let (answered, relayed) = stop_under_load(lb.addr(), || {
+        lb.stop()[0].backends.iter().map(|b| b.connections).sum()
+    });
+    assert_eq!(relayed, answered);
 }
 
 #[test]

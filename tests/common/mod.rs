@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use ringlab::backend::{self, BackendConfig, ListenerStats};
 use ringlab::balancer::{self, BalancerConfig, BalancerReport};
+use ringlab::client::{BenchConfig, Target};
 use ringlab::listen;
 use ringlab::placement::Executor;
 use ringlab::shutdown::Shutdown;
@@ -146,4 +147,18 @@ pub fn require(program: &str, package: &str) {
         found,
         "`{program}` is needed by this test: apt-get install -y {package} (.ci/run does this)"
     );
+}
+
+/// A closed-loop client configuration: `requests` at `concurrency`, new connection per request.
+pub fn bench_config(addr: SocketAddr, requests: u64, concurrency: usize) -> BenchConfig {
+    BenchConfig {
+        target: Target::from_addr(addr),
+        requests,
+        concurrency,
+        keep_alive: false,
+        time_limit: None,
+        timeout: Duration::from_secs(10),
+        cpus: vec![None],
+        stop: None,
+    }
 }
