@@ -306,15 +306,13 @@ async fn read_head(
 /// Half-closes, then reads and discards what the client still sends (bounded in bytes and by a
 /// one-second deadline) so the final close does not reset a response the client has not read.
 async fn linger_close(conn: &Conn, deadline: &Deadline) {
-    const LINGER: Duration = Duration::from_secs(1);
-    const LINGER_BYTES: usize = 64 * 1024;
     if conn.shutdown_write().is_err() {
         return;
     }
-    deadline.extend_by(LINGER);
+    deadline.extend_by(http::LINGER);
     let mut sink = [0u8; 4096];
     let mut seen = 0;
-    while seen < LINGER_BYTES {
+    while seen < http::LINGER_BYTES {
         match conn.read(&mut sink).await {
             Ok(0) | Err(_) => return,
             Ok(n) => seen += n,

@@ -293,6 +293,13 @@ pub fn server_id(port: u16) -> [u8; SERVER_ID_LEN] {
     id
 }
 
+/// How long a server keeps reading (and discarding) after a closing response, so the close does
+/// not reset a response the client has not read yet.
+pub const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Most bytes a server discards while lingering before it closes anyway.
+pub const LINGER_BYTES: usize = 64 * 1024;
+
 /// What a server sends for a parsed (or refused) head, and what happens to the connection after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reply {

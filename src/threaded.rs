@@ -231,11 +231,11 @@ fn serve_connection(
 
 fn linger_close(stream: &mut TcpStream) {
     let _ = stream.shutdown(SockShutdown::Write);
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
-    let deadline = Instant::now() + Duration::from_secs(1);
+    let _ = stream.set_read_timeout(Some(http::LINGER));
+    let deadline = Instant::now() + http::LINGER;
     let mut sink = [0u8; 4096];
     let mut seen = 0;
-    while seen < 64 * 1024 && Instant::now() < deadline {
+    while seen < http::LINGER_BYTES && Instant::now() < deadline {
         match stream.read(&mut sink) {
             Ok(0) | Err(_) => return,
             Ok(n) => seen += n,
