@@ -2,19 +2,16 @@
 //! spinning when the process runs out of descriptors or memory, and on a graceful stop hands over
 //! the connections already queued in the kernel backlog instead of resetting them.
 
-use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::pin::Pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use futures_lite::AsyncRead;
 use futures_lite::future;
-use glommio::net::TcpStream;
 use glommio::sync::{Semaphore, StaticPermit};
 
-use crate::conn::{Conn, RETRIES_BEFORE_WAIT};
+use crate::conn::Conn;
+use crate::readiness::{Direction, Registration};
 use crate::shutdown::LocalStop;
 
 /// How long to pause accepting after the process or system runs out of a resource. Short enough
@@ -27,7 +24,7 @@ const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(50);
 ///
 /// Connections are taken with one non-blocking `accept4` each (glommio's accept costs three
 /// `fcntl`s around every `accept`, which the profile showed). When the queue is empty the loop
-/// waits in io_uring for the listener to become readable, never in an io_uring accept: a stop
+/// waits on the executor's epoll set for the listener to become readable, never in an io_uring accept: a stop
 /// cancels the wait, and cancelling an accept that the kernel had just completed would orphan
 /// that connection (a test caught a client left hanging that way).
 pub async fn run(
@@ -45,7 +42,8 @@ pub async fn run(
         eprintln!("ringlab: cannot make the listener non-blocking: {err}");
         return 0;
     }
-    let mut empty_polls = 0;
+    // Declared after `listener`, so it is dropped after the listener is closed.
+    let registration = Registration::new(fd);
     let mut slot = None;
     while !stop.is_stopped() {
         // The connection cap: at the limit, stop accepting until a connection ends. New clients
@@ -68,22 +66,14 @@ pub async fn run(
             };
         }
         let next = match accept_now(fd) {
-            Ok(Some(conn)) => {
-                empty_polls = 0;
-                Some(Ok(conn))
-            }
-            Ok(None) if empty_polls < RETRIES_BEFORE_WAIT => {
-                // Under load the next connection is usually a moment away: let the accepted ones
-                // run, then look again, before paying for an io_uring wait (see `conn`).
-                empty_polls += 1;
-                glommio::executor().yield_now().await;
-                continue;
-            }
+            Ok(Some(conn)) => Some(Ok(conn)),
             Ok(None) => {
-                empty_polls = 0;
                 let ready = future::or(
                     async {
-                        wait_readable(fd).await;
+                        if registration.wait(Direction::Read).await.is_err() {
+                            // No epoll item (out of memory): look again shortly.
+                            glommio::timer::sleep(EXHAUSTED_BACKOFF).await;
+                        }
                         true
                     },
                     async {
@@ -228,22 +218,6 @@ pub struct Slot {
 /// A cap of `n` concurrent connections for [`run`].
 pub fn limit(n: usize) -> Rc<Semaphore> {
     Rc::new(Semaphore::new(n.max(1) as u64))
-}
-
-/// Waits until the listener has a connection queued. glommio exposes no bare readiness wait, so
-/// the wait is the creation poll of a throwaway glommio stream over a duplicate of the listener;
-/// the empty read that follows returns at once (with ENOTCONN, which is not looked at).
-async fn wait_readable(fd: RawFd) {
-    // SAFETY: dup of the listener the caller keeps open.
-    let dup = unsafe { libc::dup(fd) };
-    if dup < 0 {
-        // Out of descriptors: the loop's next accept reports it and backs off.
-        glommio::timer::sleep(EXHAUSTED_BACKOFF).await;
-        return;
-    }
-    // SAFETY: `dup` is a fresh descriptor; ownership moves into the stream, which closes it.
-    let mut waiter = unsafe { TcpStream::from_raw_fd(dup) };
-    let _ = poll_fn(|cx| Pin::new(&mut waiter).poll_read(cx, &mut [])).await;
 }
 
 /// One non-blocking accept: `Ok(None)` when the backlog is empty.

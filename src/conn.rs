@@ -1,63 +1,37 @@
-//! A TCP connection that does its I/O with plain non-blocking system calls and asks io_uring
-//! (through glommio) only to wait, and only when waiting is really needed.
+//! A TCP connection that does its I/O with plain non-blocking system calls and waits, only after
+//! one returned `EAGAIN`, on the executor's epoll set (see [`crate::readiness`]).
 //!
-//! Measured on this lab's 2-core VM: glommio's stream arms an io_uring poll when it is created and
-//! again after every short read, and each poll that completes from the other CPU makes the kernel
-//! interrupt this one (a reschedule IPI, to run io_uring's task work): 1.7 IPIs per proxied
-//! connection on the balancer's core, against almost none for nginx and HAProxy on epoll. So:
-//!
-//! - reads and writes are one `recv`/`send` with `MSG_DONTWAIT`, no poll armed;
-//! - on `EAGAIN` a read first yields to the executor's other tasks a few times and retries: under
-//!   load the bytes usually arrive meanwhile, and a retry costs one cheap syscall;
-//! - only then does the socket become a glommio stream, whose creation poll is exactly the wait
-//!   wanted; the (rarer) waits after that go through glommio's own read.
-//!
-//! Nothing is duplicated: an idle connection costs one descriptor, so a server can hold as many
-//! idle clients as its descriptor limit allows.
+//! Each wait used to arm an io_uring poll through a glommio stream; the profile showed the ring
+//! operations and, worse, a reschedule IPI for most of them (io_uring's task work), where nginx
+//! and HAProxy on epoll take almost none. Now a socket is added to the epoll set on its first
+//! wait, once, and every later wait is a waker store.
 
-use std::cell::RefCell;
-use std::future::poll_fn;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
-use std::pin::Pin;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
-use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
-
-/// Retries of a read that would block, each after letting the executor's other tasks run, before
-/// arming a poll. Under load the bytes usually arrive within one or two.
-pub const RETRIES_BEFORE_WAIT: usize = 2;
+use crate::readiness::{Direction, Registration};
 
 /// A connected TCP socket owned by the current executor.
 pub struct Conn {
-    fd: RawFd,
-    // Interior mutability lets a relay read one direction while writing the other; each borrow
-    // lasts a single poll, never across an await.
-    inner: RefCell<Inner>,
-}
-
-enum Inner {
-    /// Never waited on: a plain descriptor.
-    Raw(OwnedFd),
-    /// Waited on at least once: glommio owns the descriptor now. `fresh` is true while the
-    /// read poll armed at creation has not been used for a wait.
-    Stream { stream: TcpStream, fresh: bool },
-    /// Transient, while converting.
-    Empty,
+    // Declared first so the descriptor is closed (leaving the epoll set) before the registration
+    // frees its slot.
+    fd: OwnedFd,
+    registration: Registration,
 }
 
 impl Conn {
-    /// Wraps a connected socket.
+    /// Wraps a connected (or connecting) non-blocking socket.
     pub fn new(fd: OwnedFd) -> Conn {
+        let raw = fd.as_raw_fd();
         Conn {
-            fd: fd.as_raw_fd(),
-            inner: RefCell::new(Inner::Raw(fd)),
+            fd,
+            registration: Registration::new(raw),
         }
     }
 
     /// The socket's descriptor (for shutdown by a deadline and for socket options).
     pub fn fd(&self) -> RawFd {
-        self.fd
+        self.fd.as_raw_fd()
     }
 
     /// Reads into `buf`; 0 means the peer closed (or the read side was shut down).
@@ -65,91 +39,36 @@ impl Conn {
         if buf.is_empty() {
             return Ok(0);
         }
-        for attempt in 0..=RETRIES_BEFORE_WAIT {
-            if let Some(done) = try_recv(self.fd, buf) {
+        loop {
+            if let Some(done) = try_recv(self.fd(), buf) {
                 return done;
             }
-            if attempt < RETRIES_BEFORE_WAIT {
-                glommio::executor().yield_now().await;
-            }
+            self.registration.wait(Direction::Read).await?;
         }
-        if self.take_fresh_poll() {
-            // The creation poll is pending, so an empty read waits for it, then returns 0
-            // without reading (and without glommio arming a further poll).
-            poll_fn(|cx| Pin::new(self.stream().as_mut().unwrap()).poll_read(cx, &mut [])).await?;
-            if let Some(done) = try_recv(self.fd, buf) {
-                return done;
-            }
-        }
-        // Waited before (or woke with nothing to read): glommio arms a poll and reads.
-        poll_fn(|cx| Pin::new(self.stream().as_mut().unwrap()).poll_read(cx, buf)).await
     }
 
     /// Writes all of `buf`.
     pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
-            let n = match try_send(self.fd, buf) {
-                Some(r) => r?,
-                // The socket buffer is full: let glommio wait for room and send.
-                None => {
-                    self.ensure_stream();
-                    poll_fn(|cx| Pin::new(self.stream().as_mut().unwrap()).poll_write(cx, buf))
-                        .await?
-                }
-            };
-            if n == 0 {
-                return Err(io::ErrorKind::WriteZero.into());
+            match try_send(self.fd(), buf) {
+                Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Some(Ok(n)) => buf = &buf[n..],
+                Some(Err(e)) => return Err(e),
+                // The socket buffer is full: wait for room.
+                None => self.registration.wait(Direction::Write).await?,
             }
-            buf = &buf[n..];
         }
         Ok(())
     }
 
     /// Sends a FIN: the peer reads end-of-file, and can still send to us.
     pub fn shutdown_write(&self) -> io::Result<()> {
-        shutdown(self.fd, libc::SHUT_WR)
+        shutdown(self.fd(), libc::SHUT_WR)
     }
 
-    /// Makes the socket a glommio stream (arming its creation poll) if it is not one yet.
-    fn ensure_stream(&self) {
-        let mut inner = self.inner.borrow_mut();
-        if let Inner::Raw(_) = &*inner {
-            let Inner::Raw(fd) = std::mem::replace(&mut *inner, Inner::Empty) else {
-                unreachable!()
-            };
-            // SAFETY: the descriptor is owned here and moves into the stream.
-            let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
-            *inner = Inner::Stream {
-                stream,
-                fresh: true,
-            };
-        }
-    }
-
-    /// Ensures a stream and reports (and consumes) whether its creation poll is still unused.
-    fn take_fresh_poll(&self) -> bool {
-        self.ensure_stream();
-        match &mut *self.inner.borrow_mut() {
-            Inner::Stream { fresh, .. } => std::mem::replace(fresh, false),
-            _ => false,
-        }
-    }
-
-    /// The glommio stream, once [`Conn::ensure_stream`] made one.
-    fn stream(&self) -> StreamRef<'_> {
-        StreamRef(self.inner.borrow_mut())
-    }
-}
-
-/// A borrowed view of the stream inside a [`Conn`] for one poll.
-struct StreamRef<'a>(std::cell::RefMut<'a, Inner>);
-
-impl StreamRef<'_> {
-    fn as_mut(&mut self) -> Option<&mut TcpStream> {
-        match &mut *self.0 {
-            Inner::Stream { stream, .. } => Some(stream),
-            _ => None,
-        }
+    /// Waits for the next readiness event in `dir`; only after a syscall returned `EAGAIN`.
+    async fn wait(&self, dir: Direction) -> io::Result<()> {
+        self.registration.wait(dir).await
     }
 }
 
@@ -215,25 +134,27 @@ pub async fn connect(addr: std::net::SocketAddr, timeout: std::time::Duration) -
         Err(e) => return Err(e),
     }
     let conn = Conn::new(OwnedFd::from(socket));
-    if let Some(done) = try_send(conn.fd, &[]) {
-        done?;
-        return Ok(conn);
+    // A zero-length send on a socket still connecting gets EAGAIN; once connected it returns 0,
+    // and after a failed handshake it returns the connect's error.
+    if let Some(done) = try_send(conn.fd(), &[]) {
+        return done.map(|_| conn);
     }
-    conn.ensure_stream();
-    conn.stream()
-        .as_mut()
-        .unwrap()
-        .set_write_timeout(Some(timeout))?;
-    // A zero-length write on a socket still connecting gets EAGAIN, so glommio waits for
-    // writability, then sends nothing.
-    let waited = poll_fn(|cx| Pin::new(conn.stream().as_mut().unwrap()).poll_write(cx, &[])).await;
-    conn.stream().as_mut().unwrap().set_write_timeout(None)?;
-    match waited {
-        Ok(_) => Ok(conn),
-        Err(e) if e.kind() == io::ErrorKind::TimedOut => Err(io::Error::new(
+    // Still in flight: only now is a timer armed.
+    let handshake = async {
+        loop {
+            match try_send(conn.fd(), &[]) {
+                Some(done) => return done.map(|_| ()),
+                None => conn.wait(Direction::Write).await?,
+            }
+        }
+    };
+    let expired = async {
+        glommio::timer::sleep(timeout).await;
+        Err(io::Error::new(
             io::ErrorKind::TimedOut,
             format!("connect to {addr} timed out"),
-        )),
-        Err(e) => Err(e),
-    }
+        ))
+    };
+    futures_lite::future::or(handshake, expired).await?;
+    Ok(conn)
 }

@@ -16,6 +16,7 @@ pub mod limits;
 pub mod listen;
 pub mod machine;
 pub mod placement;
+pub mod readiness;
 pub mod report;
 pub mod results;
 pub mod shutdown;
