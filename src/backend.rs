@@ -230,8 +230,12 @@ async fn serve_connection(
             Read::Refused(err) => Err(err),
             Read::TimedOut(partial) => {
                 ctx.stats.borrow_mut().timed_out += 1;
-                if partial {
-                    let _ = conn.write_all(responses.get(Kind::Timeout)).await;
+                if partial
+                    && conn
+                        .write_all_and_finish(responses.get(Kind::Timeout))
+                        .await
+                        .is_ok()
+                {
                     linger_close(&conn, &deadline).await;
                 }
                 return;
@@ -243,7 +247,12 @@ async fn serve_connection(
             consumed,
             linger,
         } = Reply::to(parsed, filled, stop.is_stopped());
-        let sent = conn.write_all(responses.get(kind)).await;
+        // A closing response carries the FIN in its last segment.
+        let sent = if kind.closes() {
+            conn.write_all_and_finish(responses.get(kind)).await
+        } else {
+            conn.write_all(responses.get(kind)).await
+        };
         ctx.count(kind);
         if sent.is_err() {
             return;
@@ -303,12 +312,10 @@ async fn read_head(
     }
 }
 
-/// Half-closes, then reads and discards what the client still sends (bounded in bytes and by a
-/// one-second deadline) so the final close does not reset a response the client has not read.
+/// After the FIN went out with the response, reads and discards what the client still sends
+/// (bounded in bytes and by a one-second deadline) so the final close does not reset a response
+/// the client has not read.
 async fn linger_close(conn: &Conn, deadline: &Deadline) {
-    if conn.shutdown_write().is_err() {
-        return;
-    }
     deadline.extend_by(http::LINGER);
     let mut sink = [0u8; 4096];
     let mut seen = 0;

@@ -61,6 +61,31 @@ impl Conn {
         Ok(())
     }
 
+    /// Writes all of `buf`, then sends a FIN riding on the last data segment. Each byte goes out
+    /// with `MSG_MORE`, which holds the tail segment back until the `shutdown` that follows adds
+    /// the FIN to it: the peer gets data and end-of-file in one packet (one receive, one wake-up)
+    /// instead of two. The shutdown comes right after the send, so nothing stays held back.
+    pub async fn write_all_and_finish(&self, mut buf: &[u8]) -> io::Result<()> {
+        while !buf.is_empty() {
+            match send(self.fd(), buf, libc::MSG_MORE) {
+                Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+                Some(Ok(n)) => buf = &buf[n..],
+                Some(Err(e)) => return Err(e),
+                None => self.registration.wait(Direction::Write).await?,
+            }
+        }
+        self.shutdown_write()
+    }
+
+    /// One non-blocking read that never waits: `None` when nothing is there yet (or `buf` is
+    /// empty, so a 0 always means end-of-file).
+    pub fn try_read(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
+        if buf.is_empty() {
+            return None;
+        }
+        try_recv(self.fd(), buf)
+    }
+
     /// Sends a FIN: the peer reads end-of-file, and can still send to us.
     pub fn shutdown_write(&self) -> io::Result<()> {
         shutdown(self.fd(), libc::SHUT_WR)
@@ -92,7 +117,12 @@ fn try_recv(fd: RawFd, buf: &mut [u8]) -> Option<io::Result<usize>> {
 
 /// One non-blocking `send` (never raising SIGPIPE): `None` when it would block.
 fn try_send(fd: RawFd, buf: &[u8]) -> Option<io::Result<usize>> {
-    let flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
+    send(fd, buf, 0)
+}
+
+/// [`try_send`] with extra `flags` (`MSG_MORE`).
+fn send(fd: RawFd, buf: &[u8], flags: libc::c_int) -> Option<io::Result<usize>> {
+    let flags = flags | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
     // SAFETY: `buf` is valid for `buf.len()` bytes; `fd` is open while the caller holds it.
     nonblocking(|| unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), flags) })
 }

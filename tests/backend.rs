@@ -235,3 +235,19 @@ fn curl_gets_200_and_404() {
     assert_eq!(status("/"), "200");
     assert_eq!(status("/nope"), "404");
 }
+
+/// A response that closes the connection carries the FIN in its last segment: the client
+/// receives SYN-ACK, the ACK of its request and one data+FIN segment, not a fourth for the FIN.
+#[test]
+fn closing_response_and_fin_arrive_in_one_segment() {
+    let server = common::backend(1);
+    for _ in 0..3 {
+        let (resp, segments) =
+            common::exchange_counting_segments(server.addr(), b"GET / HTTP/1.0\r\n\r\n");
+        assert_lab_response(&resp, &common::id_of(server.addr()));
+        assert!(
+            segments <= 3,
+            "{segments} segments received, expected at most 3"
+        );
+    }
+}

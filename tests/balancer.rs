@@ -184,3 +184,19 @@ fn ab_through_the_balancer_moves_the_labs_bytes() {
     let per_backend: Vec<u64> = b.stop()[0].iter().map(|s| s.ok).collect();
     assert_eq!(per_backend, [250, 250, 250, 250]);
 }
+
+/// When a backend answers and closes, the balancer passes the answer and the end-of-file on
+/// together: the client receives SYN-ACK, the ACK of its request and one data+FIN segment.
+#[test]
+fn answer_and_fin_are_relayed_in_one_segment() {
+    let be = backend(1);
+    let lb = balancer(&[be.addr()]);
+    for _ in 0..3 {
+        let (resp, segments) = exchange_counting_segments(lb.addr(), b"GET / HTTP/1.0\r\n\r\n");
+        assert_eq!(resp.len(), 122, "{:?}", String::from_utf8_lossy(&resp));
+        assert!(
+            segments <= 3,
+            "{segments} segments received, expected at most 3"
+        );
+    }
+}

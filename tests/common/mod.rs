@@ -162,3 +162,28 @@ pub fn bench_config(addr: SocketAddr, requests: u64, concurrency: usize) -> Benc
         stop: None,
     }
 }
+
+/// Sends `request` on a fresh connection, reads to end-of-file, and returns the response with
+/// the number of TCP segments this end received (from `TCP_INFO`: the SYN-ACK included).
+pub fn exchange_counting_segments(addr: SocketAddr, request: &[u8]) -> (Vec<u8>, u32) {
+    use std::os::fd::AsRawFd;
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(request).unwrap();
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).unwrap();
+    // SAFETY: `info` is a plain C struct the kernel fills up to `len` bytes.
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    let rc = unsafe {
+        libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
+    (out, info.tcpi_segs_in)
+}
