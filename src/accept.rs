@@ -68,6 +68,7 @@ pub async fn run(
         let next = match accept_now(fd) {
             Ok(Some(conn)) => Some(Ok(conn)),
             Ok(None) => {
+                registration.clear(Direction::Read);
                 let ready = future::or(
                     async {
                         if registration.wait(Direction::Read).await.is_err() {

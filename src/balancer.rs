@@ -576,7 +576,7 @@ async fn pump_down(
         {
             return Down::Unanswered;
         }
-        let mut n = match read {
+        let n = match read {
             Ok(0) => {
                 if !other_ended.replace(true) {
                     let _ = to.shutdown_write();
@@ -589,18 +589,10 @@ async fn pump_down(
                 return Down::Done(total);
             }
         };
-        // Read ahead once: a backend that answers and closes usually has its FIN queued behind
-        // the answer already, and passing both on together puts them in one segment to the
-        // client. Nothing there (EAGAIN) is the other common case; the next read then waits.
-        let ahead = match from.try_read(&mut buf[n..]) {
-            Some(Ok(0)) => Ahead::End,
-            Some(Ok(more)) => {
-                n += more;
-                Ahead::Open
-            }
-            Some(Err(_)) => Ahead::Failed,
-            None => Ahead::Open,
-        };
+        // A backend that answers and closes usually has its FIN queued behind the answer
+        // already (the read knows it from EPOLLRDHUP); passing both on together puts them in
+        // one segment to the client.
+        let end = from.eof_pending();
         if total == 0 {
             if let Some(r) = replay {
                 let mut r = r.borrow_mut();
@@ -609,32 +601,20 @@ async fn pump_down(
             }
         }
         deadline.extend();
-        let finish = ahead == Ahead::End && !other_ended.replace(true);
-        let written = if finish {
+        let written = if end && !other_ended.replace(true) {
             to.write_all_and_finish(&buf[..n]).await
         } else {
             to.write_all(&buf[..n]).await
         };
-        if written.is_err() || ahead == Ahead::Failed {
+        if written.is_err() {
             deadline.fire_now();
-            return Down::Done(total + if written.is_ok() { n as u64 } else { 0 });
+            return Down::Done(total);
         }
         total += n as u64;
-        if ahead == Ahead::End {
+        if end {
             return Down::Done(total);
         }
     }
-}
-
-/// What a read-ahead after a successful read found.
-#[derive(PartialEq, Eq)]
-enum Ahead {
-    /// More may come (or already came and was appended).
-    Open,
-    /// End-of-file: the backend closed after what was read.
-    End,
-    /// An error: the bytes read still go out, then the pair ends.
-    Failed,
 }
 
 /// Recycles relay buffers so a new pair does not allocate.

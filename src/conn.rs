@@ -6,6 +6,7 @@
 //! and HAProxy on epoll take almost none. Now a socket is added to the epoll set on its first
 //! wait, once, and every later wait is a waker store.
 
+use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
@@ -17,6 +18,8 @@ pub struct Conn {
     // frees its slot.
     fd: OwnedFd,
     registration: Registration,
+    /// A short read found the peer's FIN queued: the next read returns 0 without a call.
+    at_eof: Cell<bool>,
 }
 
 impl Conn {
@@ -26,6 +29,7 @@ impl Conn {
         Conn {
             fd,
             registration: Registration::new(raw),
+            at_eof: Cell::new(false),
         }
     }
 
@@ -35,27 +39,60 @@ impl Conn {
     }
 
     /// Reads into `buf`; 0 means the peer closed (or the read side was shut down).
+    ///
+    /// A read that comes back short drained the socket, so the next one waits for an event
+    /// before calling `recv` (no `EAGAIN` round trip), unless the peer's FIN is known to be
+    /// queued, in which case the next read returns 0 at once.
     pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
         loop {
-            if let Some(done) = try_recv(self.fd(), buf) {
-                return done;
+            if self.at_eof.get() {
+                return Ok(0);
+            }
+            if self.registration.ready(Direction::Read) {
+                match try_recv(self.fd(), buf) {
+                    Some(Ok(n)) => {
+                        if n > 0 && n < buf.len() {
+                            if self.registration.peer_closed() {
+                                self.at_eof.set(true);
+                            } else {
+                                self.registration.clear(Direction::Read);
+                            }
+                        }
+                        return Ok(n);
+                    }
+                    Some(Err(e)) => return Err(e),
+                    None => self.registration.clear(Direction::Read),
+                }
             }
             self.registration.wait(Direction::Read).await?;
         }
     }
 
+    /// Whether the peer's end-of-file is known to be next: the last read was short and the FIN
+    /// was already queued behind it.
+    pub fn eof_pending(&self) -> bool {
+        self.at_eof.get()
+    }
+
     /// Writes all of `buf`.
-    pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
+    pub async fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        self.send_all(buf, 0).await
+    }
+
+    /// Sends all of `buf` with `flags`, waiting for room when the send buffer is full.
+    async fn send_all(&self, mut buf: &[u8], flags: libc::c_int) -> io::Result<()> {
         while !buf.is_empty() {
-            match try_send(self.fd(), buf) {
+            match send(self.fd(), buf, flags) {
                 Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Some(Ok(n)) => buf = &buf[n..],
                 Some(Err(e)) => return Err(e),
-                // The socket buffer is full: wait for room.
-                None => self.registration.wait(Direction::Write).await?,
+                None => {
+                    self.registration.clear(Direction::Write);
+                    self.registration.wait(Direction::Write).await?;
+                }
             }
         }
         Ok(())
@@ -65,35 +102,20 @@ impl Conn {
     /// with `MSG_MORE`, which holds the tail segment back until the `shutdown` that follows adds
     /// the FIN to it: the peer gets data and end-of-file in one packet (one receive, one wake-up)
     /// instead of two. The shutdown comes right after the send, so nothing stays held back.
-    pub async fn write_all_and_finish(&self, mut buf: &[u8]) -> io::Result<()> {
-        while !buf.is_empty() {
-            match send(self.fd(), buf, libc::MSG_MORE) {
-                Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Some(Ok(n)) => buf = &buf[n..],
-                Some(Err(e)) => return Err(e),
-                None => self.registration.wait(Direction::Write).await?,
-            }
-        }
+    pub async fn write_all_and_finish(&self, buf: &[u8]) -> io::Result<()> {
+        self.send_all(buf, libc::MSG_MORE).await?;
         self.shutdown_write()
     }
 
-    /// One non-blocking read that never waits: `None` when nothing is there yet (or `buf` is
-    /// empty, so a 0 always means end-of-file).
-    pub fn try_read(&self, buf: &mut [u8]) -> Option<io::Result<usize>> {
-        if buf.is_empty() {
-            return None;
-        }
-        try_recv(self.fd(), buf)
+    /// Records that nothing can be readable yet (a connection that has not sent its first
+    /// request), so the first read waits for an event instead of calling `recv` for `EAGAIN`.
+    pub fn expect_nothing_yet(&self) {
+        self.registration.clear(Direction::Read);
     }
 
     /// Sends a FIN: the peer reads end-of-file, and can still send to us.
     pub fn shutdown_write(&self) -> io::Result<()> {
         shutdown(self.fd(), libc::SHUT_WR)
-    }
-
-    /// Waits for the next readiness event in `dir`; only after a syscall returned `EAGAIN`.
-    async fn wait(&self, dir: Direction) -> io::Result<()> {
-        self.registration.wait(dir).await
     }
 }
 
@@ -166,6 +188,8 @@ pub async fn connect(addr: std::net::SocketAddr, timeout: std::time::Duration) -
     let conn = Conn::new(OwnedFd::from(socket));
     // A zero-length send on a socket still connecting gets EAGAIN; once connected it returns 0,
     // and after a failed handshake it returns the connect's error.
+    // Nothing can arrive before the request is sent.
+    conn.expect_nothing_yet();
     if let Some(done) = try_send(conn.fd(), &[]) {
         return done.map(|_| conn);
     }
@@ -174,7 +198,10 @@ pub async fn connect(addr: std::net::SocketAddr, timeout: std::time::Duration) -
         loop {
             match try_send(conn.fd(), &[]) {
                 Some(done) => return done.map(|_| ()),
-                None => conn.wait(Direction::Write).await?,
+                None => {
+                    conn.registration.clear(Direction::Write);
+                    conn.registration.wait(Direction::Write).await?;
+                }
             }
         }
     };

@@ -9,9 +9,12 @@
 //! by one `epoll_wait` per scheduling round. The executor still sleeps in io_uring: when a round
 //! finds nothing ready, one io_uring poll on the epoll descriptor itself is the wake-up.
 //!
-//! Waiting is a waker store plus an event counter, so a spurious wake (a stale edge, a task polled
-//! for another reason) costs one retried system call and never a lost wake-up: the caller always
-//! retries its `recv`/`send`/`accept` and only waits after it returned `EAGAIN`.
+//! Each direction keeps a readiness flag, as nginx does: events set it, and the caller clears it
+//! when a call returned `EAGAIN` or a read came back short (a stream socket's `recv` takes all
+//! that is queued, so a short read drained it, unless the peer's FIN is queued too: the flag for
+//! that, `peer_closed`, comes from `EPOLLRDHUP`). A direction not known to be ready waits without
+//! a system call, so a read that would only say `EAGAIN` is never made; a stale flag costs one
+//! retried call and never a lost wake-up, because every new arrival raises a new edge.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -56,12 +59,14 @@ struct Reactor {
 struct Slot {
     read: Waiter,
     write: Waiter,
+    /// `EPOLLRDHUP` without an error: the peer's FIN is queued behind any data left.
+    peer_closed: bool,
 }
 
 #[derive(Default)]
 struct Waiter {
-    /// Events seen in this direction; a wait ends when it moves.
-    seen: u64,
+    /// An event came since the owner last cleared the flag.
+    ready: bool,
     waker: Option<Waker>,
 }
 
@@ -149,10 +154,13 @@ impl Reactor {
             let Some(slot) = slots.get_mut(key) else {
                 continue;
             };
+            if bits & libc::EPOLLRDHUP as u32 != 0 && bits & libc::EPOLLERR as u32 == 0 {
+                slot.peer_closed = true;
+            }
             for (dir, mask) in [(Direction::Read, read), (Direction::Write, write)] {
                 if bits & mask != 0 {
                     let waiter = slot.waiter(dir);
-                    waiter.seen += 1;
+                    waiter.ready = true;
                     wake.extend(waiter.waker.take());
                 }
             }
@@ -214,14 +222,18 @@ pub async fn wait_readable(fd: RawFd) {
     let _ = poll_fn(|cx| Pin::new(&mut waiter).poll_read(cx, &mut [])).await;
 }
 
-/// A descriptor's place in the current executor's epoll set, made on its first wait. Drop it
-/// after the descriptor is closed (closing removes the epoll item; a stale event for a reused
-/// slot only causes a spurious, harmless wake).
+/// A descriptor's place in the current executor's epoll set, made on its first wait, with its
+/// readiness flags. Drop it after the descriptor is closed (closing removes the epoll item; a
+/// stale event for a reused slot only causes a spurious, harmless wake).
 pub struct Registration {
     fd: RawFd,
     state: RefCell<Option<(Rc<Reactor>, usize)>>,
     /// The epoll interest registered so far.
     interest: Cell<u32>,
+    /// Readiness (read, write) while a direction has no epoll interest yet: assumed until a call
+    /// says otherwise, or cleared by an owner who knows better (a fresh outgoing connection has
+    /// nothing to read).
+    unregistered: Cell<[bool; 2]>,
 }
 
 impl Registration {
@@ -231,18 +243,43 @@ impl Registration {
             fd,
             state: RefCell::new(None),
             interest: Cell::new(0),
+            unregistered: Cell::new([true, true]),
         }
     }
 
-    /// Waits for the next readiness event in `dir` after this call. Call it only after the
-    /// operation returned `EAGAIN`: edge-triggered events report changes, not states.
+    /// Whether `dir` may be ready: a call is worth making.
+    pub fn ready(&self, dir: Direction) -> bool {
+        match self.slot_of(dir) {
+            Some((reactor, key)) => reactor.slots.borrow_mut()[key].waiter(dir).ready,
+            None => self.unregistered.get()[dir as usize],
+        }
+    }
+
+    /// Records that `dir` is drained (`EAGAIN`, or a short read): the next call waits first.
+    pub fn clear(&self, dir: Direction) {
+        match self.slot_of(dir) {
+            Some((reactor, key)) => reactor.slots.borrow_mut()[key].waiter(dir).ready = false,
+            None => {
+                let mut flags = self.unregistered.get();
+                flags[dir as usize] = false;
+                self.unregistered.set(flags);
+            }
+        }
+    }
+
+    /// Whether the peer's FIN is known to be queued (behind any unread data).
+    pub fn peer_closed(&self) -> bool {
+        self.slot_of(Direction::Read)
+            .is_some_and(|(reactor, key)| reactor.slots.borrow()[key].peer_closed)
+    }
+
+    /// Waits until `dir` is ready (at once if it already is).
     pub async fn wait(&self, dir: Direction) -> io::Result<()> {
         let (reactor, key) = self.register(dir)?;
-        let start = reactor.slots.borrow_mut()[key].waiter(dir).seen;
         poll_fn(|cx| {
             let mut slots = reactor.slots.borrow_mut();
             let waiter = slots[key].waiter(dir);
-            if waiter.seen != start {
+            if waiter.ready {
                 return Poll::Ready(Ok(()));
             }
             match &mut waiter.waker {
@@ -254,7 +291,17 @@ impl Registration {
         .await
     }
 
-    /// Adds `dir` to the epoll interest (registering the descriptor on first use).
+    /// The reactor and slot, if `dir` has epoll interest.
+    fn slot_of(&self, dir: Direction) -> Option<(Rc<Reactor>, usize)> {
+        if self.interest.get() & dir.mask() == 0 {
+            return None;
+        }
+        self.state.borrow().as_ref().map(|(r, k)| (r.clone(), *k))
+    }
+
+    /// Adds `dir` to the epoll interest (registering the descriptor on first use). Adding or
+    /// modifying an item makes epoll report its current state, so the flag starts cleared and
+    /// the first event sets it if the direction is ready already.
     fn register(&self, dir: Direction) -> io::Result<(Rc<Reactor>, usize)> {
         let mut state = self.state.borrow_mut();
         let fresh = state.is_none();
@@ -275,10 +322,12 @@ impl Registration {
                 events: want | libc::EPOLLET as u32,
                 u64: key as u64,
             };
+            reactor.slots.borrow_mut()[key].waiter(dir).ready = false;
             // SAFETY: both descriptors are open; `event` is a valid epoll_event.
             if unsafe { libc::epoll_ctl(reactor.epfd.as_raw_fd(), op, self.fd, &mut event) } < 0 {
                 let err = io::Error::last_os_error();
                 if fresh {
+                    reactor.slots.borrow_mut()[key] = Slot::default();
                     reactor.free.borrow_mut().push(key);
                     *state = None;
                 }
@@ -326,6 +375,7 @@ mod tests {
                     match ours.read(&mut byte) {
                         Ok(n) => break (n, byte[0], writer.await),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                            registration.clear(Direction::Read);
                             let stuck = async {
                                 glommio::timer::sleep(Duration::from_secs(5)).await;
                                 panic!("round {round}: the wait never ended");
