@@ -15,6 +15,7 @@ use crate::conn::Conn;
 use crate::deadline::{Deadline, Deadlines};
 use crate::http::{self, HeadError, Kind, Reply, Responses};
 use crate::placement::{self, Executor};
+use crate::readiness;
 use crate::shutdown::{LocalStop, Shutdown};
 
 /// How a backend treats its clients.
@@ -133,21 +134,23 @@ pub async fn serve(
         contexts.push(ctx.clone());
         let (stop, gate, config) = (stop.clone(), gate.clone(), config.clone());
         let (deadlines, limit) = (deadlines.clone(), limit.clone());
-        loops.push(glommio::spawn_local(async move {
+        loops.push(readiness::spawn_local(async move {
             let accepted = accept::run(listener, &stop, &limit, |conn, slot| {
-                let served = serve_connection(
+                // Boxed: glommio moves a spawned future several times on its way into the task,
+                // and a pointer is cheaper to move than the connection's whole state.
+                let served = Box::pin(serve_connection(
                     conn,
                     ctx.clone(),
                     config.clone(),
                     deadlines.clone(),
                     stop.clone(),
-                );
+                ));
                 let conn = async move {
                     served.await;
                     drop(slot);
                 };
                 // The gate only refuses once closed, which happens after every loop ended.
-                if let Ok(task) = gate.spawn(conn) {
+                if let Ok(task) = gate.spawn(readiness::tracked(conn)) {
                     task.detach();
                 }
             })
@@ -155,8 +158,8 @@ pub async fn serve(
             ctx.stats.borrow_mut().connections = accepted;
         }));
     }
-    let dates = glommio::spawn_local(refresh_dates(contexts.clone(), stop.clone()));
-    let ticker = glommio::spawn_local(deadlines.clone().run(stop.clone()));
+    let dates = readiness::spawn_local(refresh_dates(contexts.clone(), stop.clone()));
+    let ticker = readiness::spawn_local(deadlines.clone().run(stop.clone()));
     for task in loops {
         task.await;
     }
@@ -317,7 +320,8 @@ async fn read_head(
 /// the client has not read.
 async fn linger_close(conn: &Conn, deadline: &Deadline) {
     deadline.extend_by(http::LINGER);
-    let mut sink = [0u8; 4096];
+    // On the heap: an array here would make every connection's future (moved on each spawn) 4 KiB larger.
+    let mut sink = vec![0u8; 4096];
     let mut seen = 0;
     while seen < http::LINGER_BYTES {
         match conn.read(&mut sink).await {

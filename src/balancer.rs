@@ -19,6 +19,7 @@ use crate::conn::{self, Conn};
 use crate::deadline::{Deadline, Deadlines};
 use crate::health::{Health, HealthPolicy};
 use crate::placement::{self, Executor};
+use crate::readiness;
 use crate::shutdown::{LocalStop, Shutdown};
 
 /// How the balancer connects, relays and stops.
@@ -223,9 +224,9 @@ pub async fn serve(
         buffers: BufferPool::new(config.buffer_size),
         config,
     });
-    let ticker = glommio::spawn_local(shared.deadlines.clone().run(stop.clone()));
+    let ticker = readiness::spawn_local(shared.deadlines.clone().run(stop.clone()));
     let prober = match (probe, shared.config.health_interval) {
-        (true, Some(every)) => Some(glommio::spawn_local(probe_backends(
+        (true, Some(every)) => Some(readiness::spawn_local(probe_backends(
             shared.clone(),
             every,
             stop.clone(),
@@ -236,11 +237,14 @@ pub async fn serve(
     let limit = accept::limit(shared.config.max_conns);
     let accepted = accept::run(listener, &stop, &limit, |client, slot| {
         let shared = shared.clone();
+        // Boxed: glommio moves a spawned future several times on its way into the task, and a
+        // pointer is cheaper to move than the pair's whole state (about 2 KiB).
+        let proxied = Box::pin(proxy(client, shared));
         let pair = async move {
-            proxy(client, shared).await;
+            proxied.await;
             drop(slot);
         };
-        if let Ok(task) = gate.spawn(pair) {
+        if let Ok(task) = gate.spawn(readiness::tracked(pair)) {
             task.detach();
         }
     })

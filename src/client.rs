@@ -20,6 +20,7 @@ use crate::conn::{self, Conn};
 use crate::deadline::{Deadline, Deadlines};
 use crate::http;
 use crate::placement;
+use crate::readiness;
 use crate::shutdown::{LocalStop, Shutdown};
 
 /// ab's default number of requests for a time-limited run without `-n`.
@@ -545,9 +546,9 @@ async fn executor_main(shared: Arc<Shared>, workers: usize) -> Tally {
     let tally = Rc::new(RefCell::new(Tally::new()));
     let deadlines = Deadlines::new(Deadlines::tick_for(shared.config.timeout));
     let stop = LocalStop::default();
-    let ticker = glommio::spawn_local(deadlines.clone().run(stop.clone()));
+    let ticker = readiness::spawn_local(deadlines.clone().run(stop.clone()));
     let tasks: Vec<_> = (0..workers)
-        .map(|_| glommio::spawn_local(worker(shared.clone(), tally.clone(), deadlines.clone())))
+        .map(|_| readiness::spawn_local(worker(shared.clone(), tally.clone(), deadlines.clone())))
         .collect();
     for t in tasks {
         t.await;

@@ -1,14 +1,14 @@
 //! Graceful stop: a signal or a test trips one [`Shutdown`], and every executor and thread that
 //! watches it wakes at once, without polling a flag.
 //!
-//! A glommio executor sleeps in io_uring, so an `AtomicBool` alone cannot wake it. Each watcher
-//! instead holds the read end of a socketpair whose write end lives in the `Shutdown`; tripping it
-//! closes every write end, and the reads complete with end-of-file.
+//! A glommio executor sleeps in io_uring or `epoll_wait`, so an `AtomicBool` alone cannot wake it.
+//! Each watcher instead holds the read end of a socketpair whose write end lives in the
+//! `Shutdown`; tripping it closes every write end, and the reads complete with end-of-file.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use futures_lite::AsyncReadExt;
+use crate::readiness::{self, Direction, Registration};
 
 /// A cloneable, thread-safe stop switch.
 #[derive(Clone, Default)]
@@ -86,11 +86,33 @@ impl Shutdown {
                 return;
             }
         };
-        // SAFETY: `fd` is a freshly created, owned socket; ownership moves into the stream.
-        let mut stream = unsafe { glommio::net::UnixStream::from_raw_fd(fd.into_raw_fd()) };
+        // Through the executor's epoll set, like every socket here: a trip then also ends a
+        // collecting task's sleep in `epoll_wait` at once.
+        let registration = Registration::new(fd.as_raw_fd());
         let mut byte = [0u8; 1];
-        // Nothing is ever written: the only outcomes are end-of-file or an error, both mean stop.
-        let _ = stream.read(&mut byte).await;
+        loop {
+            // SAFETY: `byte` is valid for one byte; `fd` is open for the whole loop.
+            let n = unsafe {
+                libc::recv(
+                    fd.as_raw_fd(),
+                    byte.as_mut_ptr().cast(),
+                    1,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            // Nothing is ever written: end-of-file or any error but EAGAIN means stop.
+            if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
+                return;
+            }
+            registration.clear(Direction::Read);
+            if registration.wait(Direction::Read).await.is_err() {
+                // No epoll item: fall back to checking the flag.
+                while !self.is_triggered() {
+                    glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+                }
+                return;
+            }
+        }
     }
 }
 
@@ -119,7 +141,7 @@ impl LocalStop {
         let stop = LocalStop::default();
         let fire = stop.clone();
         let shutdown = shutdown.clone();
-        glommio::spawn_local(async move {
+        readiness::spawn_local(async move {
             shutdown.wait().await;
             fire.fire();
         })
