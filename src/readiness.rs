@@ -230,26 +230,35 @@ async fn collect(reactor: Rc<Reactor>) {
     let polls = || POLLS.with(Cell::get);
     let mut seen = polls();
     let mut glommio_turn = Instant::now();
+    // Set when the last round only yielded, so a busy task cannot hold collection off.
+    let mut deferred = false;
     loop {
-        let found = match reactor.dispatch(&mut events, &mut wake, 0) {
-            Ok(0) if polls() != seen => {
-                // Others ran since the last look and may have more to do: let them.
-                seen = polls();
+        let others_ran = polls() != seen;
+        seen = polls();
+        if others_ran && !deferred {
+            // Others ran since the last look and may have woken more: let those run first.
+            deferred = true;
+            glommio::executor().yield_now().await;
+            continue;
+        }
+        deferred = false;
+        let turn_due = glommio_turn.elapsed() >= GLOMMIO_TURN;
+        // Sleep only when nothing else is runnable and glommio's loop is not due a turn.
+        let sleep = if others_ran || turn_due {
+            0
+        } else {
+            EPOLL_SLEEP_MS
+        };
+        match reactor.dispatch(&mut events, &mut wake, sleep) {
+            Ok(0) if others_ran && !turn_due => {
                 glommio::executor().yield_now().await;
                 continue;
             }
-            Ok(0) if glommio_turn.elapsed() < GLOMMIO_TURN => {
-                reactor.dispatch(&mut events, &mut wake, EPOLL_SLEEP_MS)
-            }
-            other => other,
-        };
-        match found {
             Ok(0) => {}
             Ok(_) => {
                 for waker in wake.drain(..) {
                     waker.wake();
                 }
-                seen = polls();
                 glommio::executor().yield_now().await;
                 continue;
             }
