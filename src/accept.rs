@@ -42,8 +42,9 @@ pub async fn run(
         eprintln!("ringlab: cannot make the listener non-blocking: {err}");
         return 0;
     }
-    // Declared after `listener`, so it is dropped after the listener is closed.
-    let registration = Registration::new(fd);
+    // Declared after `listener`, so it is dropped after the listener is closed. Level-triggered:
+    // one accept per event, so the loop never calls accept4 just to find the queue empty.
+    let registration = Registration::level(fd);
     let mut slot = None;
     while !stop.is_stopped() {
         // The connection cap: at the limit, stop accepting until a connection ends. New clients
@@ -52,6 +53,8 @@ pub async fn run(
             slot = match limit.try_acquire_static_permit(1) {
                 Ok(permit) => Some(permit),
                 Err(_) => {
+                    // Not waiting on the listener for a while: out of the epoll set meanwhile.
+                    registration.pause();
                     let waited =
                         future::or(async { limit.acquire_static_permit(1).await.ok() }, async {
                             (&mut stopped).await;
@@ -65,9 +68,13 @@ pub async fn run(
                 }
             };
         }
-        let next = match accept_now(fd) {
-            Ok(Some(conn)) => Some(Ok(conn)),
-            Ok(None) => {
+        let next = match registration.ready(Direction::Read).then(|| accept_now(fd)) {
+            Some(Ok(Some(conn))) => {
+                // The next epoll round says whether more are queued.
+                registration.clear(Direction::Read);
+                Some(Ok(conn))
+            }
+            Some(Ok(None)) | None => {
                 registration.clear(Direction::Read);
                 let ready = future::or(
                     async {
@@ -88,7 +95,7 @@ pub async fn run(
                 }
                 break;
             }
-            Err(err) => Some(Err(err)),
+            Some(Err(err)) => Some(Err(err)),
         };
         match next {
             None => break,
@@ -114,12 +121,16 @@ pub async fn run(
                         );
                         last_report = Some(Instant::now());
                     }
+                    // Out of the epoll set meanwhile: the queued connections would be reported
+                    // on every round.
+                    registration.pause();
                     glommio::timer::sleep(EXHAUSTED_BACKOFF).await;
                 }
                 // Other errors (a peer that reset before accept, for one) concern one connection.
             }
         }
     }
+    registration.pause();
     // Hand over what the kernel already completed: those clients are owed an answer.
     // Stop new handshakes first, let those in flight finish, then take everything queued: a
     // client is either served or never connected, never reset after connecting.
