@@ -139,8 +139,9 @@ impl Chooser for RoundRobin {
     }
 }
 
-/// Starts one balancer executor per `(listener, cpu)` pair. Each gets its own `SO_REUSEPORT`
-/// listener (see [`crate::listen::bind_shared`]) and its own rotation.
+/// Starts one balancer executor per `(listener, cpu)` pair. The listeners are usually duplicates
+/// of one socket, so the executors share its accept queue (see [`crate::listen::bind_shared`]);
+/// each has its own rotation.
 pub fn spawn(
     listeners: Vec<std::net::TcpListener>,
     cpus: &[Option<usize>],
