@@ -148,9 +148,9 @@ pub async fn run(
             },
         );
     }
-    // Closing the descriptor is not enough: a cancelled io_uring accept still holds the socket,
-    // which keeps listening (and completing handshakes nobody will accept) until the ring is torn
-    // down, after the executor exits. Shutting it down stops the listening now, so a balancer
+    // Closing the descriptor is not enough: the executors of one server share the listening
+    // socket through duplicates, and it keeps listening (and completing handshakes nobody will
+    // accept) until the last one closes. Shutting it down stops the listening now, so a balancer
     // sees a refused connect instead of a connection that later resets.
     // SAFETY: `fd` is still open (owned by `listener`, dropped just below).
     unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };

@@ -8,7 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::report::Format;
 
-/// ringlab — the networking performance lab on glommio and io_uring.
+/// ringlab — the networking performance lab on pinned glommio executors.
 ///
 /// Four HTTP backends behind a round-robin L4 balancer, compared with a direct async server and a
 /// thread-per-connection server. Run each piece by hand with the subcommands below.

@@ -138,7 +138,7 @@ fn run_backend(args: BackendArgs, shutdown: Shutdown) -> io::Result<()> {
         .collect::<io::Result<Vec<_>>>()?;
     let executor = backend::spawn(listeners, Some(cpu), http_config(&args.http), shutdown)?;
     println!(
-        "ringlab backend: serving {} on CPU {cpu} (one glommio executor, io_uring); Ctrl-C to stop",
+        "ringlab backend: serving {} on CPU {cpu} (one glommio executor); Ctrl-C to stop",
         addrs.join(", ")
     );
     let stats = executor.join()??;

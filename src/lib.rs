@@ -1,4 +1,4 @@
-//! ringlab: the networking performance lab on glommio and io_uring, as a library the `ringlab`
+//! ringlab: the networking performance lab on pinned glommio executors, as a library the `ringlab`
 //! binary, the integration tests and the benchmarks all drive.
 
 pub mod accept;
