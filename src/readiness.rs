@@ -579,8 +579,8 @@ mod tests {
             // Shorter than glommio's 100 ms preemption timer, which would give its loop a turn
             // regardless.
             let start = Instant::now();
-            glommio::timer::sleep(Duration::from_millis(40)).await;
-            let late = start.elapsed() - Duration::from_millis(40);
+            glommio::timer::sleep(Duration::from_millis(20)).await;
+            let late = start.elapsed() - Duration::from_millis(20);
             drop(reader);
             late
         });
