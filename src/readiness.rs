@@ -259,8 +259,12 @@ async fn collect(reactor: Rc<Reactor>) {
                 for waker in wake.drain(..) {
                     waker.wake();
                 }
-                glommio::executor().yield_now().await;
-                continue;
+                if !turn_due {
+                    glommio::executor().yield_now().await;
+                    continue;
+                }
+                // Events keep coming, but glommio's loop is due: the woken tasks run, and its
+                // turn comes when they are all waiting again.
             }
             // A signal, or io_uring task work for glommio (a completion): give glommio its turn.
             Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
