@@ -150,7 +150,9 @@ pub async fn serve(
                     drop(slot);
                 };
                 // The gate only refuses once closed, which happens after every loop ended.
-                if let Ok(task) = gate.spawn(readiness::tracked(conn)) {
+                #[allow(clippy::disallowed_methods)] // the future is tracked
+                let spawned = gate.spawn(readiness::tracked(conn));
+                if let Ok(task) = spawned {
                     task.detach();
                 }
             })

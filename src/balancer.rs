@@ -245,7 +245,9 @@ pub async fn serve(
             proxied.await;
             drop(slot);
         };
-        if let Ok(task) = gate.spawn(readiness::tracked(pair)) {
+        #[allow(clippy::disallowed_methods)] // the future is tracked
+        let spawned = gate.spawn(readiness::tracked(pair));
+        if let Ok(task) = spawned {
             task.detach();
         }
     })
