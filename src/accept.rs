@@ -24,9 +24,9 @@ const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(50);
 ///
 /// Connections are taken with one non-blocking `accept4` each (glommio's accept costs three
 /// `fcntl`s around every `accept`, which the profile showed). When the queue is empty the loop
-/// waits on the executor's epoll set for the listener to become readable, never in an io_uring accept: a stop
-/// cancels the wait, and cancelling an accept that the kernel had just completed would orphan
-/// that connection (a test caught a client left hanging that way).
+/// waits on the executor's epoll set for the listener to become readable, never in an io_uring
+/// accept: a stop cancels the wait, and cancelling an accept that the kernel had just completed
+/// would orphan that connection (a test caught a client left hanging that way).
 pub async fn run(
     listener: std::net::TcpListener,
     stop: &LocalStop,
@@ -75,10 +75,9 @@ pub async fn run(
                 Some(Ok(conn))
             }
             Some(Ok(None)) | None => {
-                registration.clear(Direction::Read);
                 let ready = future::or(
                     async {
-                        if registration.wait(Direction::Read).await.is_err() {
+                        if registration.wait_drained(Direction::Read).await.is_err() {
                             // No epoll item (out of memory): look again shortly.
                             glommio::timer::sleep(EXHAUSTED_BACKOFF).await;
                         }

@@ -12,7 +12,8 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::readiness::{Direction, Registration};
 
-/// A connected TCP socket owned by the current executor.
+/// A connected stream socket (TCP, or the stop watcher's socketpair) owned by the current
+/// executor.
 pub struct Conn {
     // Declared first so the descriptor is closed (leaving the epoll set) before the registration
     // frees its slot.
@@ -89,10 +90,7 @@ impl Conn {
                 Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
                 Some(Ok(n)) => buf = &buf[n..],
                 Some(Err(e)) => return Err(e),
-                None => {
-                    self.registration.clear(Direction::Write);
-                    self.registration.wait(Direction::Write).await?;
-                }
+                None => self.registration.wait_drained(Direction::Write).await?,
             }
         }
         Ok(())
@@ -137,12 +135,8 @@ fn try_recv(fd: RawFd, buf: &mut [u8]) -> Option<io::Result<usize>> {
     })
 }
 
-/// One non-blocking `send` (never raising SIGPIPE): `None` when it would block.
-fn try_send(fd: RawFd, buf: &[u8]) -> Option<io::Result<usize>> {
-    send(fd, buf, 0)
-}
-
-/// [`try_send`] with extra `flags` (`MSG_MORE`).
+/// One non-blocking `send` with `flags` (`MSG_MORE`, or 0), never raising SIGPIPE: `None` when
+/// it would block.
 fn send(fd: RawFd, buf: &[u8], flags: libc::c_int) -> Option<io::Result<usize>> {
     let flags = flags | libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
     // SAFETY: `buf` is valid for `buf.len()` bytes; `fd` is open while the caller holds it.
@@ -190,18 +184,15 @@ pub async fn connect(addr: std::net::SocketAddr, timeout: std::time::Duration) -
     // and after a failed handshake it returns the connect's error.
     // Nothing can arrive before the request is sent.
     conn.expect_nothing_yet();
-    if let Some(done) = try_send(conn.fd(), &[]) {
+    if let Some(done) = send(conn.fd(), &[], 0) {
         return done.map(|_| conn);
     }
     // Still in flight: only now is a timer armed.
     let handshake = async {
         loop {
-            match try_send(conn.fd(), &[]) {
+            match send(conn.fd(), &[], 0) {
                 Some(done) => return done.map(|_| ()),
-                None => {
-                    conn.registration.clear(Direction::Write);
-                    conn.registration.wait(Direction::Write).await?;
-                }
+                None => conn.registration.wait_drained(Direction::Write).await?,
             }
         }
     };

@@ -388,6 +388,12 @@ impl Registration {
             .is_some_and(|(reactor, key)| reactor.slots.borrow()[key].peer_closed)
     }
 
+    /// Records that a call in `dir` returned `EAGAIN`, then waits for the next event.
+    pub async fn wait_drained(&self, dir: Direction) -> io::Result<()> {
+        self.clear(dir);
+        self.wait(dir).await
+    }
+
     /// Waits until `dir` is ready (at once if it already is).
     pub async fn wait(&self, dir: Direction) -> io::Result<()> {
         let (reactor, key) = self.register(dir)?;
@@ -490,14 +496,16 @@ mod tests {
                     match ours.read(&mut byte) {
                         Ok(n) => break (n, byte[0], writer.await),
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                            registration.clear(Direction::Read);
                             let stuck = async {
                                 glommio::timer::sleep(Duration::from_secs(5)).await;
                                 panic!("round {round}: the wait never ended");
                             };
-                            futures_lite::future::or(registration.wait(Direction::Read), stuck)
-                                .await
-                                .unwrap()
+                            futures_lite::future::or(
+                                registration.wait_drained(Direction::Read),
+                                stuck,
+                            )
+                            .await
+                            .unwrap()
                         }
                         Err(e) => panic!("read failed: {e}"),
                     }
@@ -526,9 +534,8 @@ mod tests {
         let (ours, _theirs) = UnixStream::pair().unwrap();
         let (cpu, late) = glommio::LocalExecutor::default().run(async move {
             let registration = Registration::new(ours.as_raw_fd());
-            registration.clear(Direction::Read);
             let waiting = spawn_local(async move {
-                let _ = registration.wait(Direction::Read).await;
+                let _ = registration.wait_drained(Direction::Read).await;
             });
             let (cpu, start) = (thread_cpu(), Instant::now());
             glommio::timer::sleep(Duration::from_millis(300)).await;
@@ -577,8 +584,7 @@ mod tests {
                         Ok(0) => return,
                         Ok(_) => {}
                         Err(_) => {
-                            registration.clear(Direction::Read);
-                            let _ = registration.wait(Direction::Read).await;
+                            let _ = registration.wait_drained(Direction::Read).await;
                         }
                     }
                 }
@@ -607,8 +613,7 @@ mod tests {
         let _queued = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         let cpu = glommio::LocalExecutor::default().run(async move {
             let registration = Registration::level(listener.as_raw_fd());
-            registration.clear(Direction::Read);
-            registration.wait(Direction::Read).await.unwrap();
+            registration.wait_drained(Direction::Read).await.unwrap();
             registration.pause();
             let cpu = thread_cpu();
             glommio::timer::sleep(Duration::from_millis(300)).await;

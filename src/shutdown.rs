@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use crate::readiness::{self, Direction, Registration};
+use crate::conn::Conn;
+use crate::readiness;
 
 /// A cloneable, thread-safe stop switch.
 #[derive(Clone, Default)]
@@ -75,43 +76,22 @@ impl Shutdown {
 
     /// Resolves once the switch trips. Must be awaited on a glommio executor.
     pub async fn wait(&self) {
-        let fd = match self.wait_fd() {
-            Ok(fd) => fd,
-            Err(err) => {
-                // Without a socketpair there is no wake-up; fall back to checking the flag.
-                eprintln!("ringlab: shutdown watcher fell back to polling: {err}");
-                while !self.is_triggered() {
-                    glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+        match self.wait_fd() {
+            Ok(fd) => {
+                // A connection on the executor's epoll set, like every socket here: a trip then
+                // also ends a collecting task's sleep in `epoll_wait` at once. Nothing is ever
+                // written, so the read ends with end-of-file (or an error) when the switch trips.
+                let watcher = Conn::new(fd);
+                let mut byte = [0u8; 1];
+                if watcher.read(&mut byte).await.is_ok() {
+                    return;
                 }
-                return;
             }
-        };
-        // Through the executor's epoll set, like every socket here: a trip then also ends a
-        // collecting task's sleep in `epoll_wait` at once.
-        let registration = Registration::new(fd.as_raw_fd());
-        let mut byte = [0u8; 1];
-        loop {
-            // SAFETY: `byte` is valid for one byte; `fd` is open for the whole loop.
-            let n = unsafe {
-                libc::recv(
-                    fd.as_raw_fd(),
-                    byte.as_mut_ptr().cast(),
-                    1,
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            // Nothing is ever written: end-of-file or any error but EAGAIN means stop.
-            if n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock {
-                return;
-            }
-            registration.clear(Direction::Read);
-            if registration.wait(Direction::Read).await.is_err() {
-                // No epoll item: fall back to checking the flag.
-                while !self.is_triggered() {
-                    glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
-                }
-                return;
-            }
+            Err(err) => eprintln!("ringlab: shutdown watcher fell back to polling: {err}"),
+        }
+        // No socketpair, or no epoll item for it: no wake-up, so check the flag.
+        while !self.is_triggered() {
+            glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 }
