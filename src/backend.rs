@@ -136,25 +136,15 @@ pub async fn serve(
         let (deadlines, limit) = (deadlines.clone(), limit.clone());
         loops.push(readiness::spawn_local(async move {
             let accepted = accept::run(listener, &stop, &limit, |conn, slot| {
-                // Boxed: glommio moves a spawned future several times on its way into the task,
-                // and a pointer is cheaper to move than the connection's whole state.
-                let served = Box::pin(serve_connection(
+                // The gate only refuses once closed, which happens after every loop ended.
+                let served = serve_connection(
                     conn,
                     ctx.clone(),
                     config.clone(),
                     deadlines.clone(),
                     stop.clone(),
-                ));
-                let conn = async move {
-                    served.await;
-                    drop(slot);
-                };
-                // The gate only refuses once closed, which happens after every loop ended.
-                #[allow(clippy::disallowed_methods)] // the future is tracked
-                let spawned = gate.spawn(readiness::tracked(conn));
-                if let Ok(task) = spawned {
-                    task.detach();
-                }
+                );
+                accept::spawn_connection(&gate, slot, served);
             })
             .await;
             ctx.stats.borrow_mut().connections = accepted;

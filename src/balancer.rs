@@ -237,19 +237,7 @@ pub async fn serve(
     let gate = Gate::new();
     let limit = accept::limit(shared.config.max_conns);
     let accepted = accept::run(listener, &stop, &limit, |client, slot| {
-        let shared = shared.clone();
-        // Boxed: glommio moves a spawned future several times on its way into the task, and a
-        // pointer is cheaper to move than the pair's whole state (about 2 KiB).
-        let proxied = Box::pin(proxy(client, shared));
-        let pair = async move {
-            proxied.await;
-            drop(slot);
-        };
-        #[allow(clippy::disallowed_methods)] // the future is tracked
-        let spawned = gate.spawn(readiness::tracked(pair));
-        if let Ok(task) = spawned {
-            task.detach();
-        }
+        accept::spawn_connection(&gate, slot, proxy(client, shared.clone()));
     })
     .await;
     let drained = future::or(async { gate.close().await.is_ok() }, async {

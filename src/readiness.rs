@@ -286,7 +286,7 @@ async fn collect(reactor: Rc<Reactor>) {
 /// Waits until `fd` is readable. glommio exposes no bare readiness wait, so the wait is the
 /// creation poll of a throwaway glommio stream over a duplicate of `fd`; the empty read that
 /// follows returns at once (with `ENOTSOCK` or `ENOTCONN`, which is not looked at).
-pub async fn wait_readable(fd: RawFd) {
+async fn wait_readable(fd: RawFd) {
     // SAFETY: dup of a descriptor the caller keeps open.
     let dup = unsafe { libc::dup(fd) };
     if dup < 0 {
