@@ -16,7 +16,7 @@ use glommio::sync::Gate;
 
 use crate::accept;
 use crate::conn::{self, Conn};
-use crate::deadline::{Deadline, Deadlines};
+use crate::deadline::{self, Deadline, Deadlines};
 use crate::health::{Health, HealthPolicy};
 use crate::placement::{self, Executor};
 use crate::readiness;
@@ -32,6 +32,10 @@ pub struct BalancerConfig {
     /// A pair with no bytes moving either way for this long is closed (checked every quarter of
     /// it, at most once a second).
     pub idle_timeout: Duration,
+    /// Once one side of a pair has finished (its FIN relayed, or the backend stopped reading),
+    /// the pair is closed after this long with no bytes moving (HAProxy's `timeout client-fin`
+    /// and `server-fin`).
+    pub fin_timeout: Duration,
     /// How long a graceful stop waits for pairs in flight.
     pub drain_timeout: Duration,
     /// Relay buffer per direction, in bytes.
@@ -49,7 +53,8 @@ pub struct BalancerConfig {
 }
 
 impl BalancerConfig {
-    /// The defaults for `backends`: 1 s connect timeout, 60 s idle timeout, 10 s drain, 16 KiB
+    /// The defaults for `backends`: 1 s connect timeout, 60 s idle timeout (5 s once one side has
+    /// finished), 10 s drain, 16 KiB
     /// buffers, out of rotation after 3 failed connects for 2 s, no active probe, no replay, and
     /// a connection cap that fits the descriptor limit (two descriptors per pair).
     pub fn new(backends: Vec<SocketAddr>) -> BalancerConfig {
@@ -57,6 +62,7 @@ impl BalancerConfig {
             backends,
             connect_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
+            fin_timeout: Duration::from_secs(5),
             drain_timeout: Duration::from_secs(10),
             buffer_size: 16 * 1024,
             health: HealthPolicy::default(),
@@ -82,6 +88,10 @@ pub struct BackendCounters {
     pub connect_failures: u64,
     /// Connections it closed or reset without answering a byte.
     pub unanswered: u64,
+    /// Pairs it reset (or failed) mid-way; the client was reset in turn.
+    pub backend_resets: u64,
+    /// Pairs whose client reset (or stopped reading); the backend was reset in turn.
+    pub client_resets: u64,
 }
 
 /// What one balancer executor did, reported when it stops.
@@ -93,8 +103,11 @@ pub struct BalancerReport {
     pub accepted: u64,
     /// Clients closed because no backend accepted a connect.
     pub unserved: u64,
-    /// Pairs closed by the idle timeout.
+    /// Pairs reset by the idle or half-closed timeout, or at the drain deadline.
     pub idle_closed: u64,
+    /// Connections refused because they came from the balancer itself (a backend address that
+    /// is the balancer's own).
+    pub self_loops: u64,
     /// Clients whose first bytes were replayed to another backend (`retry_unanswered`).
     pub retried: u64,
     /// Per-backend counters, in configuration order.
@@ -114,6 +127,8 @@ impl BalancerReport {
             mine.bytes_down += theirs.bytes_down;
             mine.connect_failures += theirs.connect_failures;
             mine.unanswered += theirs.unanswered;
+            mine.backend_resets += theirs.backend_resets;
+            mine.client_resets += theirs.client_resets;
         }
     }
 }
@@ -141,13 +156,17 @@ impl Chooser for RoundRobin {
 
 /// Starts one balancer executor per `(listener, cpu)` pair. The listeners are usually duplicates
 /// of one socket, so the executors share its accept queue (see [`crate::listen::bind_shared`]);
-/// each has its own rotation.
+/// each has its own rotation. A backend that is the balancer's own address is refused here
+/// ([`check_backends`]).
 pub fn spawn(
     listeners: Vec<std::net::TcpListener>,
     cpus: &[Option<usize>],
     config: BalancerConfig,
     shutdown: Shutdown,
 ) -> io::Result<Vec<Executor<io::Result<BalancerReport>>>> {
+    if let Some(first) = listeners.first() {
+        check_backends(first.local_addr()?, &config.backends)?;
+    }
     let health = Arc::new(Health::new(&config.backends, config.health, true));
     let mut executors = Vec::new();
     for (i, (listener, &cpu)) in listeners.into_iter().zip(cpus).enumerate() {
@@ -187,6 +206,9 @@ struct Shared {
     retried: Cell<u64>,
     deadlines: Rc<Deadlines>,
     buffers: BufferPool,
+    self_loops: Cell<u64>,
+    /// Backends that could turn out to be this balancer (see [`loop_guard`]).
+    loop_guard: Vec<SocketAddr>,
 }
 
 /// Runs the balancer on the current glommio executor until `shutdown` trips, then drains
@@ -205,6 +227,7 @@ pub async fn serve(
             "the balancer needs at least one backend",
         ));
     }
+    let listening = listener.local_addr()?;
     let stop = LocalStop::watch(&shutdown);
     let shared = Rc::new(Shared {
         counters: RefCell::new(
@@ -221,8 +244,12 @@ pub async fn serve(
         health,
         unserved: Cell::new(0),
         retried: Cell::new(0),
-        deadlines: Deadlines::new(Deadlines::tick_for(config.idle_timeout)),
+        deadlines: Deadlines::new(Deadlines::tick_for(
+            config.idle_timeout.min(config.fin_timeout),
+        )),
         buffers: BufferPool::new(config.buffer_size),
+        self_loops: Cell::new(0),
+        loop_guard: loop_guard(listening, &config.backends),
         config,
     });
     let ticker = readiness::spawn_local(shared.deadlines.clone().run(stop.clone()));
@@ -240,16 +267,25 @@ pub async fn serve(
         accept::spawn_connection(&gate, slot, proxy(client, shared.clone()));
     })
     .await;
-    let drained = future::or(async { gate.close().await.is_ok() }, async {
+    // One close, kept across both waits: a gate may only be closed once.
+    let mut closing = std::pin::pin!(gate.close());
+    let drained = future::or(async { (&mut closing).await.is_ok() }, async {
         glommio::timer::sleep(shared.config.drain_timeout).await;
         false
     })
     .await;
     if !drained {
         eprintln!(
-            "ringlab: balancer drain deadline ({:?}) passed with pairs still open; closing them",
+            "ringlab: balancer drain deadline ({:?}) passed with pairs still open; resetting them",
             shared.config.drain_timeout
         );
+        // Reset, not closed: a client whose answer is cut off must not read a clean end.
+        shared.deadlines.expire_all();
+        future::or(async { (&mut closing).await.is_ok() }, async {
+            glommio::timer::sleep(Duration::from_millis(100)).await;
+            false
+        })
+        .await;
     }
     drop(ticker);
     drop(prober);
@@ -258,6 +294,7 @@ pub async fn serve(
         accepted,
         unserved: shared.unserved.get(),
         idle_closed: shared.deadlines.fired(),
+        self_loops: shared.self_loops.get(),
         retried: shared.retried.get(),
         backends: shared.counters.borrow().clone(),
     };
@@ -286,6 +323,9 @@ async fn probe_backends(shared: Rc<Shared>, every: Duration, stop: LocalStop) {
 /// first bytes to the next backend when one goes away without answering. Each backend is tried
 /// at most once per client, so a client never waits on more than one round of the backends.
 async fn proxy(client: Conn, shared: Rc<Shared>) {
+    if !shared.loop_guard.is_empty() && refuse_self_loop(&client, &shared) {
+        return;
+    }
     let count = shared.config.backends.len();
     let mut next = shared.chooser.first(count);
     let mut tries_left = count;
@@ -318,6 +358,11 @@ async fn proxy(client: Conn, shared: Rc<Shared>) {
         let mut counters = shared.counters.borrow_mut();
         counters[idx].bytes_up += end.up;
         counters[idx].bytes_down += end.down;
+        match end.aborted {
+            Some(Abort::Backend) => counters[idx].backend_resets += 1,
+            Some(Abort::Client) => counters[idx].client_resets += 1,
+            Some(Abort::Expired) | None => {}
+        }
         drop(counters);
         if !end.unanswered {
             return;
@@ -329,6 +374,75 @@ async fn proxy(client: Conn, shared: Rc<Shared>) {
         }
         shared.retried.set(shared.retried.get() + 1);
     }
+}
+
+/// Refuses `client` if it arrived on an address that is one of the backends: the balancer's own
+/// connect to that backend has landed on itself. Without this, each such connection would make
+/// another until the connection cap (a start-up check catches the addresses known then; this
+/// catches a wildcard listener's address that became local later). The backend is counted as
+/// failing, so it leaves the rotation.
+fn refuse_self_loop(client: &Conn, shared: &Shared) -> bool {
+    let Ok(local) = socket2::SockRef::from(client).local_addr() else {
+        return false;
+    };
+    let Some(local) = local.as_socket() else {
+        return false;
+    };
+    let Some(idx) = shared.config.backends.iter().position(|&b| b == local) else {
+        return false;
+    };
+    if shared.self_loops.replace(shared.self_loops.get() + 1) == 0 {
+        eprintln!(
+            "ringlab: backend {local} is this balancer itself (a connection to it arrived here); \
+             refusing such connections and taking it out of rotation"
+        );
+    }
+    shared.health.failure(
+        idx,
+        &io::Error::new(io::ErrorKind::InvalidInput, "the backend is this balancer"),
+    );
+    true
+}
+
+/// The backends that a wildcard listener could receive connections for at run time: those on
+/// its port (an address added to the host later would make one of them this balancer).
+fn loop_guard(listening: SocketAddr, backends: &[SocketAddr]) -> Vec<SocketAddr> {
+    if !listening.ip().is_unspecified() {
+        return Vec::new();
+    }
+    backends
+        .iter()
+        .copied()
+        .filter(|b| b.port() == listening.port())
+        .collect()
+}
+
+/// Refuses a backend that is the balancer's own listening address: the same address, a local
+/// address on the port of a wildcard listener, or a wildcard address on the listener's port.
+/// Each would make the balancer connect to itself until its connection cap.
+pub fn check_backends(listening: SocketAddr, backends: &[SocketAddr]) -> io::Result<()> {
+    for &b in backends {
+        let same_port = b.port() == listening.port();
+        let is_self = same_port
+            && (b.ip() == listening.ip()
+                || b.ip().is_unspecified()
+                || (listening.ip().is_unspecified() && is_local(b.ip())));
+        if is_self {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "backend {b} is the balancer's own listening address ({listening}): it would \
+                     connect to itself; give the backends' addresses with --backend"
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether `ip` is an address of this host (binding to it succeeds).
+fn is_local(ip: std::net::IpAddr) -> bool {
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0)).is_ok()
 }
 
 fn unanswered(shared: &Shared, idx: usize) {
@@ -414,85 +528,193 @@ struct RelayEnd {
     down: u64,
     /// The backend closed or reset before sending a byte, and a replay is possible.
     unanswered: bool,
+    /// Who aborted the pair, if anyone did; the other side was reset in turn.
+    aborted: Option<Abort>,
 }
 
-/// Relays both directions until both have ended, or until the backend goes away unanswered while
-/// a replay is possible (then the client is left open for the next backend).
+/// Who ended a pair abnormally. An L4 proxy must pass an abort on as an abort: a reset from the
+/// backend that reached the client as a clean close would make a cut-off response look complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Abort {
+    /// The backend reset (or failed) before finishing its side.
+    Backend,
+    /// The client reset, or stopped taking the backend's bytes.
+    Client,
+    /// No bytes moved for the idle (or half-closed) timeout, or the drain deadline passed.
+    Expired,
+}
+
+/// What one direction's pump reports when it stops.
+enum Flow {
+    /// The sending side finished cleanly (its FIN was passed on).
+    Done,
+    /// The pair must end now, with a reset towards the side that did not abort.
+    Aborted(Abort),
+    /// The backend went away before answering and a replay is possible.
+    Unanswered,
+}
+
+/// The state both pumps of a pair share.
+struct Pair<'a> {
+    client: &'a Conn,
+    server: &'a Conn,
+    deadline: Deadline,
+    /// One direction has finished cleanly.
+    one_ended: Cell<bool>,
+    /// The deadline was shortened to `fin_timeout`.
+    shortened: Cell<bool>,
+    /// The shorter limit for a pair one side of which has finished.
+    fin_timeout: Duration,
+    /// Bytes relayed client → backend and backend → client, kept here rather than returned by
+    /// the pumps so that a pump dropped by the other's abort still counts what it moved.
+    up: Cell<u64>,
+    down: Cell<u64>,
+}
+
+impl Pair<'_> {
+    /// Records that a direction finished cleanly. Returns whether it was the first: the caller
+    /// then half-closes the other socket; after the second, the close sends that FIN anyway.
+    /// From here on the pair gets `fin_timeout`, as HAProxy's `timeout client-fin`/`server-fin`
+    /// do: a peer that has finished and a peer that never will must not hold two descriptors
+    /// for the whole idle timeout.
+    fn finish_one(&self) -> bool {
+        self.half_closed();
+        !self.one_ended.replace(true)
+    }
+
+    /// Shortens the pair's limit to `fin_timeout` (once: later calls keep it).
+    fn half_closed(&self) {
+        if !self.shortened.replace(true) {
+            self.deadline.rearm(self.fin_timeout);
+        }
+    }
+}
+
+/// Relays both directions until both have ended, until one side aborts (the other is then reset),
+/// until the pair expires, or until the backend goes away unanswered while a replay is possible
+/// (then the client is left open for the next backend).
 async fn relay(
     client: &Conn,
     server: Conn,
     shared: &Shared,
     replay: Option<&RefCell<Replay>>,
 ) -> RelayEnd {
-    // Declared after the connections, so it is deregistered before they close.
-    let deadline = shared.deadlines.arm(
-        [client.fd(), server.fd()],
-        libc::SHUT_RDWR,
-        shared.config.idle_timeout,
-    );
+    let pair = Pair {
+        client,
+        server: &server,
+        // Nothing is shut down when it passes: the relay wakes and resets both sides.
+        deadline: shared.deadlines.arm(
+            [client.fd(), server.fd()],
+            deadline::WAKE_ONLY,
+            shared.config.idle_timeout,
+        ),
+        one_ended: Cell::new(false),
+        shortened: Cell::new(false),
+        up: Cell::new(0),
+        down: Cell::new(0),
+        fin_timeout: shared.config.fin_timeout.min(shared.config.idle_timeout),
+    };
     let mut up_buf = shared.buffers.take();
     let mut down_buf = shared.buffers.take();
-    let ended = Cell::new(false);
     let end = {
-        let up = pump_up(client, &server, &mut up_buf, &deadline, &ended, replay);
-        let down = pump_down(&server, client, &mut down_buf, &deadline, &ended, replay);
-        both_or_unanswered(up, down).await
+        let up = pump_up(&pair, &mut up_buf, replay);
+        let down = pump_down(&pair, &mut down_buf, replay);
+        settle(up, down, pair.deadline.expired()).await
+    };
+    let (up, down) = (pair.up.get(), pair.down.get());
+    let end = RelayEnd {
+        up,
+        down: if end.unanswered { 0 } else { down },
+        ..end
     };
     shared.buffers.give(up_buf);
     shared.buffers.give(down_buf);
+    match end.aborted {
+        // The client aborted: the backend is reset, not told the client finished.
+        Some(Abort::Client) => reset_on_close(&server),
+        Some(Abort::Backend) => reset_on_close(client),
+        Some(Abort::Expired) => {
+            reset_on_close(client);
+            reset_on_close(&server);
+        }
+        None => {}
+    }
     end
 }
 
-/// Waits for both pumps, except that an unanswered backend ends the relay at once (dropping the
-/// client pump, which never loses bytes: it keeps them for the replay before writing).
-async fn both_or_unanswered(
-    up: impl Future<Output = u64>,
-    down: impl Future<Output = Down>,
+/// Makes the coming close of `conn` send a reset (`SO_LINGER` 0) instead of a FIN.
+fn reset_on_close(conn: &Conn) {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` is a valid struct of the size given; the descriptor is open.
+    unsafe {
+        libc::setsockopt(
+            conn.fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}
+
+/// Waits for both pumps. An abort or an expired deadline ends the pair at once (dropping the
+/// other pump mid-wait); an unanswered backend ends it at once too (dropping the client pump,
+/// which never loses bytes: it keeps them for the replay before writing).
+async fn settle(
+    up: impl Future<Output = Flow>,
+    down: impl Future<Output = Flow>,
+    expired: impl Future<Output = ()>,
 ) -> RelayEnd {
     let mut up = std::pin::pin!(up);
     let mut down = std::pin::pin!(down);
-    let (mut up_total, mut down_total) = (None, None);
+    let mut expired = std::pin::pin!(expired);
+    let (mut up_done, mut down_done) = (false, false);
     poll_fn(|cx| {
-        if up_total.is_none() {
-            if let Poll::Ready(n) = up.as_mut().poll(cx) {
-                up_total = Some(n);
-            }
-        }
-        if down_total.is_none() {
-            if let Poll::Ready(d) = down.as_mut().poll(cx) {
-                if let Down::Unanswered = d {
-                    // Leave the client open for the replay; stop reading from it here.
-                    return Poll::Ready(RelayEnd {
-                        up: up_total.unwrap_or(0),
-                        down: 0,
-                        unanswered: true,
-                    });
-                }
-                down_total = Some(d.bytes());
-            }
-        }
-        match (up_total, down_total) {
-            (Some(up), Some(down)) => Poll::Ready(RelayEnd {
-                up,
-                down,
-                unanswered: false,
-            }),
-            _ => Poll::Pending,
-        }
+        let up_state = poll_pump(up.as_mut(), &mut up_done, cx);
+        let down_state = poll_pump(down.as_mut(), &mut down_done, cx);
+        let (aborted, unanswered) = match (up_state, down_state) {
+            (Some(Flow::Aborted(who)), _) | (_, Some(Flow::Aborted(who))) => (Some(who), false),
+            // Leave the client open for the replay; stop reading from it here.
+            (_, Some(Flow::Unanswered)) => (None, true),
+            _ => match (up_done, down_done) {
+                (true, true) => (None, false),
+                _ if expired.as_mut().poll(cx).is_ready() => (Some(Abort::Expired), false),
+                _ => return Poll::Pending,
+            },
+        };
+        // The byte counts are filled in by the caller, from the pair.
+        Poll::Ready(RelayEnd {
+            up: 0,
+            down: 0,
+            unanswered,
+            aborted,
+        })
     })
     .await
 }
 
-enum Down {
-    Done(u64),
-    Unanswered,
-}
-
-impl Down {
-    fn bytes(&self) -> u64 {
-        match self {
-            Down::Done(n) => *n,
-            Down::Unanswered => 0,
+/// Polls one pump unless it already finished cleanly (`done`). Returns an abort or an
+/// unanswered end, which end the pair.
+fn poll_pump(
+    pump: std::pin::Pin<&mut impl Future<Output = Flow>>,
+    done: &mut bool,
+    cx: &mut std::task::Context<'_>,
+) -> Option<Flow> {
+    if *done {
+        return None;
+    }
+    match pump.poll(cx) {
+        Poll::Pending => None,
+        Poll::Ready(Flow::Done) => {
+            *done = true;
+            None
+        }
+        Poll::Ready(end) => {
+            *done = true;
+            Some(end)
         }
     }
 }
@@ -500,33 +722,33 @@ impl Down {
 /// Client → backend. Bytes are kept for a replay before they are written, so a backend dying
 /// mid-write loses nothing. On the client's end it half-closes the backend (unless the other
 /// direction already ended: the close that follows sends that FIN, for one syscall less).
-async fn pump_up(
-    from: &Conn,
-    to: &Conn,
-    buf: &mut [u8],
-    deadline: &Deadline,
-    other_ended: &Cell<bool>,
-    replay: Option<&RefCell<Replay>>,
-) -> u64 {
-    let mut total = 0u64;
+///
+/// A backend that stops reading (it answered and closed, say a 431 for a head too large, and its
+/// close with our bytes unread came back as a reset) has not aborted its answer: that is still on
+/// its way down. So the client's further bytes are read and dropped until the client finishes
+/// (bounded by the pair's half-closed timeout), the way a server's lingering close does; closing
+/// at once would reset the client and could destroy the answer before the client reads it.
+async fn pump_up(pair: &Pair<'_>, buf: &mut [u8], replay: Option<&RefCell<Replay>>) -> Flow {
+    let (from, to) = (pair.client, pair.server);
+    let mut discarding = false;
     loop {
         let n = match from.read(buf).await {
             Ok(0) => {
                 if let Some(r) = replay {
                     r.borrow_mut().client_done = true;
                 }
-                if !other_ended.replace(true) {
+                if pair.finish_one() && !discarding {
                     let _ = to.shutdown_write();
                 }
-                return total;
+                return Flow::Done;
             }
             Ok(n) => n,
-            Err(_) => {
-                deadline.fire_now();
-                return total;
-            }
+            Err(_) => return Flow::Aborted(Abort::Client),
         };
-        deadline.extend();
+        if discarding {
+            continue;
+        }
+        pair.deadline.extend();
         let retrying = replay.is_some_and(|r| {
             let mut r = r.borrow_mut();
             r.keep(&buf[..n]);
@@ -537,77 +759,72 @@ async fn pump_up(
                 // Only the backend's side: the client stays open for the replay, and the
                 // backend pump sees the end and reports it unanswered.
                 let _ = conn::shutdown(to.fd(), libc::SHUT_RDWR);
-            } else {
-                deadline.fire_now();
+                return Flow::Done;
             }
-            return total;
+            // The backend's receiving side is gone; its answer may still be coming down. The
+            // half-closed timeout now bounds the lingering, and reading no longer extends it.
+            discarding = true;
+            pair.half_closed();
+            continue;
         }
-        total += n as u64;
+        pair.up.set(pair.up.get() + n as u64);
     }
 }
 
 /// Backend → client. A backend that ends before its first byte while a replay is possible is
-/// reported unanswered instead of passing the end on to the client.
-async fn pump_down(
-    from: &Conn,
-    to: &Conn,
-    buf: &mut [u8],
-    deadline: &Deadline,
-    other_ended: &Cell<bool>,
-    replay: Option<&RefCell<Replay>>,
-) -> Down {
-    let mut total = 0u64;
+/// reported unanswered instead of passing the end on to the client; a backend that resets is
+/// an abort, passed on to the client as a reset.
+async fn pump_down(pair: &Pair<'_>, buf: &mut [u8], replay: Option<&RefCell<Replay>>) -> Flow {
+    let (from, to) = (pair.server, pair.client);
     loop {
         let read = from.read(buf).await;
         // Unanswered means the backend went away first: a backend that closes after the client
         // has finished sending (a connect-and-close probe, a half-closed request it refused)
         // ended a complete exchange, and is not replayed.
-        if total == 0
+        if pair.down.get() == 0
             && matches!(read, Ok(0) | Err(_))
             && replay.is_some_and(|r| {
                 let r = r.borrow();
                 r.may_retry() && !r.client_done
             })
         {
-            return Down::Unanswered;
+            return Flow::Unanswered;
         }
         let n = match read {
             Ok(0) => {
-                if !other_ended.replace(true) {
+                if pair.finish_one() {
                     let _ = to.shutdown_write();
                 }
-                return Down::Done(total);
+                return Flow::Done;
             }
             Ok(n) => n,
-            Err(_) => {
-                deadline.fire_now();
-                return Down::Done(total);
-            }
+            Err(_) => return Flow::Aborted(Abort::Backend),
         };
         // A backend that answers and closes usually has its FIN queued behind the answer
         // already (the read knows it from EPOLLRDHUP); passing both on together puts them in
         // one segment to the client.
         let end = from.eof_pending();
-        if total == 0 {
+        if pair.down.get() == 0 {
             if let Some(r) = replay {
                 let mut r = r.borrow_mut();
                 r.answered = true;
                 r.bytes = Vec::new();
             }
         }
-        deadline.extend();
-        let written = if end && !other_ended.replace(true) {
+        pair.deadline.extend();
+        let written = if end && pair.finish_one() {
             to.write_all_and_finish(&buf[..n]).await
         } else {
             to.write_all(&buf[..n]).await
         };
         if written.is_err() {
-            deadline.fire_now();
-            return Down::Done(total);
+            // The client is gone mid-answer: the backend learns it by a reset, as it would
+            // have directly.
+            return Flow::Aborted(Abort::Client);
         }
-        total += n as u64;
+        pair.down.set(pair.down.get() + n as u64);
         if end {
-            return Down::Done(total);
+            return Flow::Done;
         }
     }
 }

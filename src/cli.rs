@@ -13,7 +13,7 @@ use crate::report::Format;
 /// Four HTTP backends behind a round-robin L4 balancer, compared with a direct async server and a
 /// thread-per-connection server. Run each piece by hand with the subcommands below.
 #[derive(Debug, Parser)]
-#[command(name = "ringlab", version, propagate_version = true)]
+#[command(name = "ringlab", version = crate::machine::VERSION, propagate_version = true)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]
@@ -54,7 +54,7 @@ pub struct BackendArgs {
 #[derive(Debug, Args)]
 pub struct HttpArgs {
     /// Largest request head accepted, in bytes; a longer one gets 431 and a close.
-    #[arg(long, value_name = "BYTES", default_value_t = crate::http::DEFAULT_MAX_HEAD, value_parser = clap::value_parser!(usize))]
+    #[arg(long, value_name = "BYTES", default_value_t = crate::http::DEFAULT_MAX_HEAD, value_parser = usize_at_least::<64>)]
     pub max_head: usize,
     /// Time a client has to send a complete request head (and, on keep-alive, the next one).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
@@ -64,7 +64,7 @@ pub struct HttpArgs {
     pub drain_timeout: Duration,
     /// Connections served at once; past it, accepting pauses and clients wait in the kernel's
     /// backlog [default: what the descriptor limit allows, at most 10000].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = usize_at_least::<1>)]
     pub max_conns: Option<usize>,
 }
 
@@ -92,14 +92,18 @@ pub struct LbArgs {
     /// Close a client/backend pair after this long with no bytes moving either way.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
     pub idle_timeout: Duration,
+    /// Once one side of a pair has finished (sent its FIN, or stopped reading), close the pair
+    /// after this long with no bytes moving (HAProxy's `timeout client-fin`/`server-fin`).
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub fin_timeout: Duration,
     /// On Ctrl-C/SIGTERM, how long to let relayed connections finish before exiting.
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
     /// Relay buffer per direction, in bytes.
-    #[arg(long, value_name = "BYTES", default_value_t = 16384)]
+    #[arg(long, value_name = "BYTES", default_value_t = 16384, value_parser = usize_at_least::<512>)]
     pub buffer_size: usize,
     /// Consecutive failed connects that take a backend out of rotation.
-    #[arg(long, value_name = "N", default_value_t = 3)]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..))]
     pub fail_threshold: u32,
     /// How long a backend stays out of rotation before one connection tries it again.
     #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
@@ -119,7 +123,7 @@ pub struct LbArgs {
     pub retry_buffer: usize,
     /// Client connections served at once per executor; past it, accepting pauses and clients
     /// wait in the kernel's backlog [default: what the descriptor limit allows, at most 10000].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", value_parser = usize_at_least::<1>)]
     pub max_conns: Option<usize>,
 }
 
@@ -141,14 +145,15 @@ pub struct BenchArgs {
     #[arg(value_name = "URL")]
     pub url: String,
     /// Requests to perform [default: 1000, or 50000 with -t, as ab does].
-    #[arg(short = 'n', long = "requests", value_name = "N")]
+    #[arg(short = 'n', long = "requests", value_name = "N", value_parser = at_least::<1>)]
     pub requests: Option<u64>,
-    /// Requests to run at once (closed loop: each worker waits for its response).
+    /// Requests to run at once (closed loop: each worker waits for its response); at most -n.
     #[arg(
         short = 'c',
         long = "concurrency",
         value_name = "N",
-        default_value_t = 1
+        default_value_t = 1,
+        value_parser = usize_at_least::<1>
     )]
     pub concurrency: usize,
     /// Reuse connections (HTTP keep-alive), like ab -k.
@@ -176,14 +181,15 @@ pub struct SweepArgs {
         short = 'n',
         long = "requests",
         value_name = "N",
-        default_value_t = 1000
+        default_value_t = 1000,
+        value_parser = at_least::<1>
     )]
     pub requests: u64,
     /// Concurrency levels: a range like 1-5 or a list like 1,2,4,8.
     #[arg(short = 'c', long = "concurrency", value_name = "LIST", default_value = "1-5", value_parser = parse_number_list)]
     pub concurrency: NumberList,
     /// Repetitions per cell; the median is reported, the spread shown.
-    #[arg(long, value_name = "N", default_value_t = 3)]
+    #[arg(long, value_name = "N", default_value_t = 3, value_parser = usize_at_least::<1>)]
     pub repeat: usize,
     /// Measure this address instead of starting the lab; repeat for each target, e.g.
     /// --target lb=127.0.0.1:44444 --target haproxy=127.0.0.1:8080. The first is compared with
@@ -221,6 +227,55 @@ pub struct SweepArgs {
     /// Connect and response timeout per request.
     #[arg(short = 's', long = "timeout", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+}
+
+/// Parses a whole number that must be at least `MIN`; clap reports a refusal as a usage error
+/// (exit status 2) with this message.
+fn at_least<const MIN: u64>(s: &str) -> Result<u64, String> {
+    let n: u64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{s}' is not a whole number"))?;
+    if n < MIN {
+        return Err(format!("must be at least {MIN}"));
+    }
+    Ok(n)
+}
+
+/// [`at_least`] for a `usize` flag.
+fn usize_at_least<const MIN: u64>(s: &str) -> Result<usize, String> {
+    at_least::<MIN>(s).and_then(|n| usize::try_from(n).map_err(|_| format!("'{s}' is too large")))
+}
+
+/// A usage error found after parsing (two flags that do not fit together): reported like clap's
+/// own, with exit status 2. Build one with [`usage`].
+#[derive(Debug)]
+pub struct Usage(pub String);
+
+impl std::fmt::Display for Usage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Usage {}
+
+/// A usage error with `message`, which should say what to type instead.
+pub fn usage(message: impl Into<String>) -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::InvalidInput, Usage(message.into()))
+}
+
+/// The exit status for a failed command, decided here and nowhere else: 2 for a usage error
+/// (clap exits 2 itself for the errors it finds), 130 for a run interrupted by Ctrl-C or SIGTERM
+/// (the partial results are printed first), 1 for everything else.
+pub fn exit_status(err: &std::io::Error) -> u8 {
+    if err.get_ref().is_some_and(|e| e.is::<Usage>()) {
+        2
+    } else if err.kind() == std::io::ErrorKind::Interrupted {
+        130
+    } else {
+        1
+    }
 }
 
 /// A parsed list of positive numbers.

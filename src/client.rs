@@ -38,23 +38,39 @@ pub struct Target {
     pub host: String,
     /// The port.
     pub port: u16,
-    /// The path, query included.
+    /// The path, query included, as sent on the request line.
     pub path: String,
+    /// An `Authorization` header value from credentials in the URL (never printed).
+    #[serde(skip)]
+    pub authorization: Option<String>,
 }
 
 impl Target {
-    /// Parses an `http://` URL; the port defaults to 80 and the path to `/`.
+    /// Parses an `http://` URL (the scheme in any case, as RFC 3986 allows); the port defaults
+    /// to 80 and the path to `/`. Credentials in the URL (`http://user:pw@host/`) become a
+    /// Basic `Authorization` header, as curl sends them; characters a request line cannot carry
+    /// raw (a space, say) are percent-encoded, as curl and browsers do.
     pub fn parse(url: &str) -> Result<Target, String> {
-        let rest = url.strip_prefix("http://").ok_or_else(|| {
-            if url.starts_with("https://") {
-                format!("'{url}': https is not supported; use http://")
-            } else {
-                format!("'{url}' is not a URL; expected http://HOST:PORT/PATH")
+        let scheme_end = url.find("://");
+        let rest = match scheme_end.map(|i| (&url[..i], &url[i + 3..])) {
+            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
+            Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
+                return Err(format!("'{url}': https is not supported; use http://"));
             }
-        })?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
+            _ => {
+                return Err(format!(
+                    "'{url}' is not a URL; expected http://HOST:PORT/PATH"
+                ));
+            }
+        };
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest.as_bytes()[i] == b'?' => (&rest[..i], format!("/{}", &rest[i..])),
+            Some(i) => (&rest[..i], rest[i..].to_string()),
+            None => (rest, "/".to_string()),
+        };
+        let (userinfo, authority) = match authority.rsplit_once('@') {
+            Some((u, a)) => (Some(u), a),
+            None => (None, authority),
         };
         if authority.is_empty() {
             return Err(format!("'{url}' has no host"));
@@ -74,11 +90,20 @@ impl Target {
             .map_err(|e| format!("cannot resolve '{host}': {e}"))?
             .next()
             .ok_or_else(|| format!("cannot resolve '{host}'"))?;
+        let authorization = userinfo.map(|u| {
+            use base64::Engine;
+            let decoded = percent_decode(u);
+            format!(
+                "Basic {}",
+                base64::engine::general_purpose::STANDARD.encode(decoded)
+            )
+        });
         Ok(Target {
             addr,
             host,
             port,
-            path: path.to_string(),
+            path: percent_encode_path(&path),
+            authorization,
         })
     }
 
@@ -89,6 +114,7 @@ impl Target {
             host: addr.ip().to_string(),
             port: addr.port(),
             path: "/".to_string(),
+            authorization: None,
         }
     }
 
@@ -105,12 +131,55 @@ impl Target {
             self.port,
             env!("CARGO_PKG_VERSION")
         );
+        if let Some(auth) = &self.authorization {
+            r.push_str(&format!("Authorization: {auth}\r\n"));
+        }
         if keep_alive {
             r.push_str("Connection: Keep-Alive\r\n");
         }
         r.push_str("\r\n");
         r.into_bytes()
     }
+}
+
+/// Percent-encodes the bytes a request target cannot carry raw (controls, space, non-ASCII and
+/// the few printable characters RFC 3986 excludes); an existing `%XX` is kept as it is.
+fn percent_encode_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for &b in path.as_bytes() {
+        let raw = b.is_ascii_graphic()
+            && !matches!(
+                b,
+                b'"' | b'<' | b'>' | b'\\' | b'^' | b'`' | b'{' | b'|' | b'}'
+            );
+        if raw {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Decodes `%XX` escapes (credentials in a URL may carry them); malformed escapes stay as
+/// written.
+fn percent_decode(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    out
 }
 
 /// How to run one benchmark.
@@ -130,7 +199,8 @@ pub struct BenchConfig {
     pub timeout: Duration,
     /// One executor per entry, pinned where `Some`; workers are spread across them.
     pub cpus: Vec<Option<usize>>,
-    /// When tripped (Ctrl-C), no new request starts and the run reports what it has, as ab does.
+    /// When tripped (Ctrl-C), requests in flight are abandoned (not counted), no new one starts,
+    /// and the run reports what it has, marked interrupted.
     pub stop: Option<Shutdown>,
 }
 
@@ -206,7 +276,8 @@ pub struct BenchResult {
     pub failed: Failures,
     /// Responses whose status was not 2xx.
     pub non_2xx: u64,
-    /// Requests served on a reused connection.
+    /// Responses that kept their connection open for the next request (with `-k`), as ab
+    /// counts them.
     pub keep_alive_requests: u64,
     /// All bytes received, heads included.
     pub total_bytes: u64,
@@ -234,6 +305,9 @@ pub struct BenchResult {
     pub client_cpus: Vec<Option<usize>>,
     /// What the first failed request ran into, if any failed.
     pub first_error: Option<String>,
+    /// Stopped by Ctrl-C or SIGTERM before `-n` requests (or `-t`) were done: the numbers are
+    /// what was measured until then.
+    pub interrupted: bool,
 }
 
 impl BenchResult {
@@ -459,7 +533,8 @@ pub fn run(config: BenchConfig) -> io::Result<BenchResult> {
         tally.merge(h.join()?);
     }
     let end = tally.last_end.unwrap_or(start).max(start);
-    if shared.good.load(Ordering::Relaxed) == 0 && tally.complete > 0 {
+    let interrupted = config.stop.as_ref().is_some_and(Shutdown::is_triggered);
+    if shared.good.load(Ordering::Relaxed) == 0 && tally.complete > 0 && !interrupted {
         let why = tally
             .first_error
             .clone()
@@ -474,13 +549,15 @@ pub fn run(config: BenchConfig) -> io::Result<BenchResult> {
             ),
         ));
     }
-    Ok(build_result(
+    let mut result = build_result(
         &config,
         &cpus[..executors],
         &shared,
         tally,
         end.duration_since(start),
-    ))
+    );
+    result.interrupted = interrupted;
+    Ok(result)
 }
 
 fn build_result(
@@ -525,6 +602,7 @@ fn build_result(
         backends,
         client_cpus: cpus.to_vec(),
         first_error: tally.first_error.clone(),
+        interrupted: false,
     }
 }
 
@@ -547,8 +625,19 @@ async fn executor_main(shared: Arc<Shared>, workers: usize) -> Tally {
     let deadlines = Deadlines::new(Deadlines::tick_for(shared.config.timeout));
     let stop = LocalStop::default();
     let ticker = readiness::spawn_local(deadlines.clone().run(stop.clone()));
+    let interrupt = match &shared.config.stop {
+        Some(shutdown) => LocalStop::watch(shutdown),
+        None => LocalStop::default(),
+    };
     let tasks: Vec<_> = (0..workers)
-        .map(|_| readiness::spawn_local(worker(shared.clone(), tally.clone(), deadlines.clone())))
+        .map(|_| {
+            readiness::spawn_local(worker(
+                shared.clone(),
+                tally.clone(),
+                deadlines.clone(),
+                interrupt.clone(),
+            ))
+        })
         .collect();
     for t in tasks {
         t.await;
@@ -584,13 +673,43 @@ enum Failure {
     Exception,
 }
 
-async fn worker(shared: Arc<Shared>, tally: Rc<RefCell<Tally>>, deadlines: Rc<Deadlines>) {
-    let config = &shared.config;
+async fn worker(
+    shared: Arc<Shared>,
+    tally: Rc<RefCell<Tally>>,
+    deadlines: Rc<Deadlines>,
+    interrupt: LocalStop,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     // A kept-alive connection and its timeout; the deadline is declared second so it is dropped
     // (deregistered) before the connection closes.
     let mut kept: Option<(Conn, Deadline)> = None;
     while shared.claim() {
+        let attempt = async {
+            one_request(&shared, &tally, &deadlines, &mut kept, &mut buf).await;
+            true
+        };
+        let interrupted = async {
+            interrupt.stopped().await;
+            false
+        };
+        // Ctrl-C ends the request in flight at once (its connection is dropped, so closed), and
+        // it is not counted: ab too counts only requests that finished.
+        if !futures_lite::future::or(attempt, interrupted).await {
+            return;
+        }
+    }
+}
+
+/// Makes one request (retrying a stale kept-alive connection on a fresh one) and tallies it.
+async fn one_request(
+    shared: &Shared,
+    tally: &Rc<RefCell<Tally>>,
+    deadlines: &Rc<Deadlines>,
+    kept: &mut Option<(Conn, Deadline)>,
+    buf: &mut [u8],
+) {
+    let config = &shared.config;
+    {
         loop {
             let start = Instant::now();
             let reused = kept.is_some();
@@ -611,18 +730,18 @@ async fn worker(shared: Arc<Shared>, tally: Rc<RefCell<Tally>>, deadlines: Rc<De
                         {
                             shared.dead.store(true, Ordering::Relaxed);
                         }
-                        record_failure(&tally, Failure::Connect, format!("connect: {e}"));
+                        record_failure(tally, Failure::Connect, format!("connect: {e}"));
                         break;
                     }
                 },
             };
             let connected = Instant::now();
-            let outcome = exchange(&conn, &deadline, &shared.request, &mut buf, reused).await;
+            let outcome = exchange(&conn, &deadline, &shared.request, buf, reused).await;
             let end = Instant::now();
             match outcome {
                 Outcome::StaleKeepAlive => continue,
                 Outcome::Failed(kind, why) => {
-                    record_failure(&tally, kind, why);
+                    record_failure(tally, kind, why);
                     break;
                 }
                 Outcome::Response {
@@ -635,7 +754,8 @@ async fn worker(shared: Arc<Shared>, tally: Rc<RefCell<Tally>>, deadlines: Rc<De
                     t.last_end = Some(end);
                     t.total_bytes += head.len as u64 + body;
                     t.html_bytes += body;
-                    if reused {
+                    // As ab counts them: every response that kept its connection open.
+                    if config.keep_alive && head.keep_alive {
                         t.keep_alive_requests += 1;
                     }
                     if !(200..300).contains(&head.status) {
@@ -670,7 +790,7 @@ async fn worker(shared: Arc<Shared>, tally: Rc<RefCell<Tally>>, deadlines: Rc<De
                         .record(us(first_byte.saturating_duration_since(connected)));
                     drop(t);
                     if config.keep_alive && head.keep_alive && !short {
-                        kept = Some((conn, deadline));
+                        *kept = Some((conn, deadline));
                     }
                     break;
                 }

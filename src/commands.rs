@@ -5,7 +5,9 @@ use std::io;
 
 use crate::backend::{self, BackendConfig, ListenerStats};
 use crate::balancer::{self, BalancerConfig, BalancerReport};
-use crate::cli::{BackendArgs, BenchArgs, Command, HttpArgs, LbArgs, SweepArgs, ThreadedArgs};
+use crate::cli::{
+    self, BackendArgs, BenchArgs, Command, HttpArgs, LbArgs, SweepArgs, ThreadedArgs,
+};
 use crate::client::{self, BenchConfig, Target};
 use crate::health::HealthPolicy;
 use crate::limits;
@@ -40,6 +42,15 @@ fn run_bench(args: BenchArgs, shutdown: Shutdown) -> io::Result<()> {
     } else {
         1000
     });
+    if args.concurrency as u64 > requests {
+        // ab refuses this too: the extra workers would never send, yet the report would divide
+        // by them.
+        return Err(cli::usage(format!(
+            "-c {} is more than the {requests} requests to make; use -c {requests} or fewer, or \
+             a larger -n",
+            args.concurrency
+        )));
+    }
     let cpus = args
         .cpus
         .map_or_else(|| vec![placement::default_cpu(1)], |l| l.0);
@@ -54,6 +65,15 @@ fn run_bench(args: BenchArgs, shutdown: Shutdown) -> io::Result<()> {
         stop: Some(shutdown),
     })?;
     print!("{}", report::render(&result, args.format));
+    if result.interrupted {
+        return Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            format!(
+                "interrupted after {} of {requests} requests; the results above are partial",
+                result.complete
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -100,23 +120,76 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
     let label = args
         .label
         .unwrap_or_else(|| if args.keep_alive { "lab-k" } else { "lab" }.into());
-    // Fail on an unwritable output folder before spending minutes measuring.
-    std::fs::create_dir_all(&args.out).map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot create {}: {e}", args.out.display()),
-        )
-    })?;
-    let sweep = sweep::run(&config)?;
-    let dir = results::write(&sweep, &args.out.join(results::folder_name(&label)))?;
+    sweep::validate(&config)?;
+    let mut folder = ResultsFolder {
+        dir: args.out.join(results::folder_name(&label)),
+        failed: None,
+    };
+    let sweep = sweep::run_recording(&config, &mut folder)?;
+    // The summary always reaches stdout, whatever happens to the files.
     print!("{}", results::summary_text(&sweep));
-    println!("ringlab sweep: wrote {}", dir.display());
-    Ok(())
+    let (dir, write_error) = match results::write(&sweep, &folder.dir) {
+        Ok(dir) => (dir, None),
+        Err(err) => {
+            // Nothing measured is thrown away: the numbers go to the temporary folder instead.
+            let fallback = std::env::temp_dir().join(folder.dir.file_name().unwrap_or_default());
+            eprintln!(
+                "ringlab sweep: {err}; writing to {} instead",
+                fallback.display()
+            );
+            results::write(&sweep, &fallback)
+                .map_err(|again| io::Error::new(again.kind(), format!("{err}; and {again}")))?;
+            (fallback, Some(err))
+        }
+    };
+    match &sweep.status {
+        sweep::Status::Complete => println!("ringlab sweep: wrote {}", dir.display()),
+        _ => println!(
+            "ringlab sweep: wrote the {} runs measured (of {}) to {}",
+            sweep.measured_runs(),
+            sweep.planned_runs,
+            dir.display()
+        ),
+    }
+    match (sweep.status, write_error) {
+        (sweep::Status::Interrupted, _) => Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "sweep interrupted; the cells measured until then were kept",
+        )),
+        (sweep::Status::Failed(why), _) => Err(io::Error::other(format!(
+            "sweep failed: {why}; the cells measured until then were kept"
+        ))),
+        (_, Some(err)) => Err(err),
+        _ => Ok(()),
+    }
+}
+
+/// The sweep's results folder, made before the first cell and kept up to date after each one.
+struct ResultsFolder {
+    dir: std::path::PathBuf,
+    /// The first failure to write between cells, reported once.
+    failed: Option<String>,
+}
+
+impl sweep::Record for ResultsFolder {
+    fn started(&mut self, sweep: &sweep::Sweep) -> io::Result<()> {
+        results::create(&self.dir)?;
+        results::write_json(sweep, &self.dir)
+    }
+
+    fn measured(&mut self, sweep: &sweep::Sweep) {
+        if let Err(err) = results::write_json(sweep, &self.dir) {
+            if self.failed.is_none() {
+                eprintln!("ringlab sweep: {err}; measuring on, the results are kept in memory");
+                self.failed = Some(err.to_string());
+            }
+        }
+    }
 }
 
 fn http_config(args: &HttpArgs) -> BackendConfig {
     BackendConfig {
-        max_head: args.max_head.max(64),
+        max_head: args.max_head,
         head_timeout: args.head_timeout,
         drain_timeout: args.drain_timeout,
         max_conns: args
@@ -165,16 +238,18 @@ fn run_lb(args: LbArgs, shutdown: Shutdown) -> io::Result<()> {
     for &cpu in &cpus {
         placement::check_cpu(cpu)?;
     }
+    balancer::check_backends(args.listen, &args.backends).map_err(|e| cli::usage(e.to_string()))?;
     let listeners = listen::bind_shared(args.listen, cpus.len())?;
     let local = listeners[0].local_addr()?;
     let config = BalancerConfig {
         backends: args.backends.clone(),
         connect_timeout: args.connect_timeout,
         idle_timeout: args.idle_timeout,
+        fin_timeout: args.fin_timeout,
         drain_timeout: args.drain_timeout,
-        buffer_size: args.buffer_size.max(512),
+        buffer_size: args.buffer_size,
         health: HealthPolicy {
-            fail_threshold: args.fail_threshold.max(1),
+            fail_threshold: args.fail_threshold,
             cooldown: args.cooldown,
         },
         health_interval: args.health_interval,
@@ -228,27 +303,38 @@ fn print_balancer_reports(reports: &[BalancerReport]) {
     for r in reports {
         total.merge_backends(r);
         println!(
-            "ringlab lb CPU {}: {} accepted, {} unserved (no backend up), {} closed idle, {} replayed",
+            "ringlab lb CPU {}: {} accepted, {} unserved (no backend up), {} reset by the idle or \
+             half-closed timeout, {} replayed, {} refused as self-loops",
             r.cpu.map_or("-".into(), |c| c.to_string()),
             r.accepted,
             r.unserved,
             r.idle_closed,
-            r.retried
+            r.retried,
+            r.self_loops
         );
     }
     println!(
-        "{:<22} {:>12} {:>14} {:>14} {:>16} {:>11}",
-        "backend", "connections", "bytes up", "bytes down", "connect failures", "unanswered"
+        "{:<22} {:>12} {:>14} {:>14} {:>16} {:>11} {:>14} {:>13}",
+        "backend",
+        "connections",
+        "bytes up",
+        "bytes down",
+        "connect failures",
+        "unanswered",
+        "backend resets",
+        "client resets"
     );
     for b in &total.backends {
         println!(
-            "{:<22} {:>12} {:>14} {:>14} {:>16} {:>11}",
+            "{:<22} {:>12} {:>14} {:>14} {:>16} {:>11} {:>14} {:>13}",
             b.addr.map(|a| a.to_string()).unwrap_or_default(),
             b.connections,
             b.bytes_up,
             b.bytes_down,
             b.connect_failures,
-            b.unanswered
+            b.unanswered,
+            b.backend_resets,
+            b.client_resets
         );
     }
 }

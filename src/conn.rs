@@ -8,7 +8,7 @@
 
 use std::cell::Cell;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
 use crate::readiness::{Direction, Registration};
 
@@ -21,6 +21,12 @@ pub struct Conn {
     registration: Registration,
     /// A short read found the peer's FIN queued: the next read returns 0 without a call.
     at_eof: Cell<bool>,
+}
+
+impl AsFd for Conn {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }
 
 impl Conn {
@@ -58,7 +64,7 @@ impl Conn {
                         if n > 0 && n < buf.len() {
                             if self.registration.peer_closed() {
                                 self.at_eof.set(true);
-                            } else {
+                            } else if !self.registration.hung_up() {
                                 self.registration.clear(Direction::Read);
                             }
                         }

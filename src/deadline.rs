@@ -7,12 +7,18 @@
 //! is a wake-up per tick, and the precision is one tick.
 
 use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
 use std::os::fd::RawFd;
 use std::rc::Rc;
+use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use crate::conn;
 use crate::shutdown::LocalStop;
+
+/// For [`Deadlines::arm`]: shut nothing down when the deadline passes, only wake the owner
+/// waiting in [`Deadline::expired`] (`SHUT_RD` is 0, so 0 cannot mean this).
+pub const WAKE_ONLY: libc::c_int = -1;
 
 /// The deadlines of one executor.
 pub struct Deadlines {
@@ -26,12 +32,28 @@ pub struct Deadlines {
 
 struct Entry {
     fds: [RawFd; 2],
+    /// `SHUT_RD`/`SHUT_RDWR` for the sockets when the deadline passes, or [`WAKE_ONLY`].
     how: libc::c_int,
     /// The armed duration, in ticks, for [`Deadline::extend`].
-    ticks: u64,
+    ticks: Cell<u64>,
     /// Tick at or after which the entry fires; `u64::MAX` when disarmed.
     due: Cell<u64>,
     fired: Cell<bool>,
+    /// The task waiting in [`Deadline::expired`].
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Entry {
+    fn fire(&self) {
+        for fd in self.fds {
+            if fd >= 0 && self.how != WAKE_ONLY {
+                let _ = conn::shutdown(fd, self.how);
+            }
+        }
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
 }
 
 /// A registration; dropping it forgets the deadline. Drop it before closing the sockets, so the
@@ -60,15 +82,16 @@ impl Deadlines {
     }
 
     /// Registers `fds` (one socket, or a relayed pair) to be shut down with `how` (`SHUT_RD`,
-    /// `SHUT_RDWR`) once `after` has passed. Unused slots of `fds` are -1.
+    /// `SHUT_RDWR`, or [`WAKE_ONLY`]) once `after` has passed. Unused slots of `fds` are -1.
     pub fn arm(self: &Rc<Self>, fds: [RawFd; 2], how: libc::c_int, after: Duration) -> Deadline {
         let ticks = self.ticks(after);
         let entry = Rc::new(Entry {
             fds,
             how,
-            ticks,
+            ticks: Cell::new(ticks),
             due: Cell::new(self.now.get() + ticks),
             fired: Cell::new(false),
+            waker: RefCell::new(None),
         });
         let mut slots = self.slots.borrow_mut();
         let slot = match self.free.borrow_mut().pop() {
@@ -85,6 +108,17 @@ impl Deadlines {
             owner: self.clone(),
             slot,
             entry,
+        }
+    }
+
+    /// Fires every deadline now (a drain deadline that passed): their owners end at once.
+    pub fn expire_all(&self) {
+        let all: Vec<Rc<Entry>> = self.slots.borrow().iter().flatten().cloned().collect();
+        for e in all {
+            if !e.fired.replace(true) {
+                self.fired.set(self.fired.get() + 1);
+                e.fire();
+            }
         }
     }
 
@@ -118,11 +152,7 @@ impl Deadlines {
             for e in due {
                 e.fired.set(true);
                 self.fired.set(self.fired.get() + 1);
-                for fd in e.fds {
-                    if fd >= 0 {
-                        let _ = conn::shutdown(fd, e.how);
-                    }
-                }
+                e.fire();
             }
         }
     }
@@ -132,7 +162,32 @@ impl Deadline {
     /// Moves the deadline to its armed duration from now (activity on a relayed pair, the next
     /// request on a kept-alive connection). A store, no arithmetic beyond an add.
     pub fn extend(&self) {
-        self.entry.due.set(self.owner.now.get() + self.entry.ticks);
+        self.entry
+            .due
+            .set(self.owner.now.get() + self.entry.ticks.get());
+    }
+
+    /// Changes the armed duration to `after` and moves the deadline to `after` from now (a
+    /// relayed pair one side of which has finished gets a shorter leash).
+    pub fn rearm(&self, after: Duration) {
+        self.entry.ticks.set(self.owner.ticks(after));
+        self.extend();
+    }
+
+    /// Resolves once the deadline has passed (or [`Deadline::fire_now`] was called).
+    pub async fn expired(&self) {
+        poll_fn(|cx| {
+            if self.entry.fired.get() {
+                return Poll::Ready(());
+            }
+            let mut waker = self.entry.waker.borrow_mut();
+            match &mut *waker {
+                Some(w) if w.will_wake(cx.waker()) => {}
+                other => *other = Some(cx.waker().clone()),
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Moves the deadline to `after` from now, without changing the armed duration.
@@ -146,11 +201,7 @@ impl Deadline {
     /// failed).
     pub fn fire_now(&self) {
         if !self.entry.fired.replace(true) {
-            for fd in self.entry.fds {
-                if fd >= 0 {
-                    let _ = conn::shutdown(fd, self.entry.how);
-                }
-            }
+            self.entry.fire();
         }
     }
 

@@ -73,23 +73,141 @@ fn probe_free_or_wait(addr: SocketAddr) -> io::Result<()> {
     }
 }
 
-/// Whether any socket listens on `port` (IPv4 or IPv6), from `/proc/net/tcp*`.
+/// Whether any socket listens on `port` (IPv4 or IPv6). Asked of the kernel's sock_diag
+/// netlink interface for listening sockets only, so the kernel walks its listening table and
+/// not every connection: reading `/proc/net/tcp` instead took 5.2 s on a host with 130 000
+/// sockets. When the question cannot be asked, a listener is assumed, so the caller fails fast
+/// rather than waiting.
 fn has_listener(port: u16) -> bool {
-    const LISTEN: &str = "0A";
-    let wanted = format!(":{port:04X}");
-    ["/proc/net/tcp", "/proc/net/tcp6"].iter().any(|path| {
-        std::fs::read_to_string(path)
-            .map(|table| {
-                table.lines().skip(1).any(|line| {
-                    let mut cols = line.split_whitespace();
-                    let local = cols.nth(1).unwrap_or("");
-                    let state = cols.nth(1).unwrap_or("");
-                    state == LISTEN && local.ends_with(&wanted)
-                })
-            })
-            // Unknown: assume a listener, so the caller fails fast rather than waiting.
-            .unwrap_or(true)
-    })
+    [libc::AF_INET, libc::AF_INET6]
+        .iter()
+        .any(|&family| listening_ports(family as u8).map_or(true, |ports| ports.contains(&port)))
+}
+
+/// `struct inet_diag_sockid` (linux/inet_diag.h); ports are big-endian.
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct InetDiagSockId {
+    sport: u16,
+    dport: u16,
+    src: [u32; 4],
+    dst: [u32; 4],
+    interface: u32,
+    cookie: [u32; 2],
+}
+
+/// `struct inet_diag_req_v2`.
+#[repr(C)]
+struct InetDiagReq {
+    family: u8,
+    protocol: u8,
+    ext: u8,
+    pad: u8,
+    states: u32,
+    id: InetDiagSockId,
+}
+
+/// `struct inet_diag_msg`, as far as the socket id.
+#[repr(C)]
+struct InetDiagMsg {
+    family: u8,
+    state: u8,
+    timer: u8,
+    retrans: u8,
+    id: InetDiagSockId,
+}
+
+/// The local ports of every listening TCP socket of `family`, from one sock_diag dump.
+fn listening_ports(family: u8) -> io::Result<Vec<u16>> {
+    const SOCK_DIAG_BY_FAMILY: u16 = 20;
+    const TCP_LISTEN: u32 = 10;
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_SOCK_DIAG,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just created and is owned here.
+    let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+    #[repr(C)]
+    struct Request {
+        header: libc::nlmsghdr,
+        body: InetDiagReq,
+    }
+    let request = Request {
+        header: libc::nlmsghdr {
+            nlmsg_len: std::mem::size_of::<Request>() as u32,
+            nlmsg_type: SOCK_DIAG_BY_FAMILY,
+            nlmsg_flags: (libc::NLM_F_REQUEST | libc::NLM_F_DUMP) as u16,
+            nlmsg_seq: 1,
+            nlmsg_pid: 0,
+        },
+        body: InetDiagReq {
+            family,
+            protocol: libc::IPPROTO_TCP as u8,
+            ext: 0,
+            pad: 0,
+            states: 1 << TCP_LISTEN,
+            id: InetDiagSockId::default(),
+        },
+    };
+    // SAFETY: `request` is a plain struct of the length given; the kernel copies it.
+    let sent = unsafe {
+        libc::send(
+            raw,
+            (&request as *const Request).cast(),
+            std::mem::size_of::<Request>(),
+            0,
+        )
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut ports = Vec::new();
+    let mut buf = vec![0u8; 32 * 1024];
+    let header_len = std::mem::size_of::<libc::nlmsghdr>();
+    loop {
+        // SAFETY: `buf` is valid for its length.
+        let n = unsafe { libc::recv(raw, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let n = n as usize;
+        if n == 0 {
+            return Ok(ports);
+        }
+        let mut at = 0;
+        while at + header_len <= n {
+            // SAFETY: bounds checked above; read_unaligned copes with any alignment.
+            let header: libc::nlmsghdr =
+                unsafe { std::ptr::read_unaligned(buf[at..].as_ptr().cast()) };
+            let len = header.nlmsg_len as usize;
+            if len < header_len || at + len > n {
+                return Ok(ports);
+            }
+            match header.nlmsg_type as libc::c_int {
+                libc::NLMSG_DONE => return Ok(ports),
+                libc::NLMSG_ERROR => {
+                    return Err(io::Error::other("sock_diag refused the listener dump"));
+                }
+                _ if len >= header_len + std::mem::size_of::<InetDiagMsg>() => {
+                    // SAFETY: the message holds at least an inet_diag_msg (checked above).
+                    let msg: InetDiagMsg =
+                        unsafe { std::ptr::read_unaligned(buf[at + header_len..].as_ptr().cast()) };
+                    ports.push(u16::from_be(msg.id.sport));
+                }
+                _ => {}
+            }
+            // Messages are 4-byte aligned.
+            at += (len + 3) & !3;
+        }
+    }
 }
 
 fn probe_free(addr: SocketAddr) -> io::Result<()> {
@@ -163,9 +281,22 @@ mod tests {
     }
 
     #[test]
-    fn listeners_are_found_in_proc() {
+    fn listeners_are_found_by_sock_diag() {
         let l = bind_one("127.0.0.1:0".parse().unwrap()).unwrap();
         assert!(has_listener(l.local_addr().unwrap().port()));
+        let v6 = std::net::TcpListener::bind("[::1]:0").unwrap();
+        assert!(has_listener(v6.local_addr().unwrap().port()));
+    }
+
+    /// A port held only by a connection (a client's ephemeral port) is not a listener, so a
+    /// server waits for it to clear instead of failing.
+    #[test]
+    fn a_port_held_by_a_connection_is_not_a_listener() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (_served, _) = l.accept().unwrap();
+        drop(l);
+        assert!(!has_listener(client.local_addr().unwrap().port()));
     }
 
     #[test]

@@ -3,6 +3,18 @@
 
 use serde::Serialize;
 
+/// ringlab's git revision (`git describe --always --dirty`), embedded by `build.rs`; it says so
+/// when the binary was built outside a git checkout.
+pub const GIT_REVISION: &str = env!("RINGLAB_GIT_REVISION");
+
+/// `ringlab --version`: the crate version and the git revision it was built from.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (git ",
+    env!("RINGLAB_GIT_REVISION"),
+    ")"
+);
+
 /// Where and with what a measurement was made.
 #[derive(Debug, Clone, Serialize)]
 pub struct Machine {
@@ -18,7 +30,7 @@ pub struct Machine {
     pub hostname: String,
     /// ringlab's crate version.
     pub ringlab_version: String,
-    /// `git describe --always --dirty` of the working directory, or `unknown`.
+    /// `git describe --always --dirty` of ringlab's own source, taken when it was built.
     pub git_revision: String,
     /// UTC time the measurement started, RFC 3339.
     pub started_utc: String,
@@ -46,7 +58,7 @@ impl Machine {
             kernel,
             hostname,
             ringlab_version: env!("CARGO_PKG_VERSION").to_string(),
-            git_revision: git_revision(),
+            git_revision: GIT_REVISION.to_string(),
             started_utc: utc_now_rfc3339(),
             command: std::env::args().collect::<Vec<_>>().join(" "),
         }
@@ -75,17 +87,6 @@ fn uname() -> (String, String) {
             s(&uts.nodename),
         )
     }
-}
-
-fn git_revision() -> String {
-    std::process::Command::new("git")
-        .args(["describe", "--always", "--dirty", "--abbrev=12"])
-        .output()
-        .ok()
-        .filter(|o| o.status.success())
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".into())
 }
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.

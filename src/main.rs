@@ -10,7 +10,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("ringlab: error: {err}");
-            ExitCode::FAILURE
+            if ringlab::cli::exit_status(&err) == 2 {
+                eprintln!("\nFor more information, try '--help'.");
+            }
+            ExitCode::from(ringlab::cli::exit_status(&err))
         }
     }
 }

@@ -62,6 +62,10 @@ struct Slot {
     write: Waiter,
     /// `EPOLLRDHUP` without an error: the peer's FIN is queued behind any data left.
     peer_closed: bool,
+    /// `EPOLLERR` or `EPOLLHUP`: the connection is over (reset, or both sides closed), and no
+    /// further event will come, so a short read must not clear readiness: the next call
+    /// reports the end (a reset as an error, never as a clean end-of-file).
+    hung_up: bool,
 }
 
 #[derive(Default)]
@@ -155,6 +159,9 @@ impl Reactor {
             };
             if bits & libc::EPOLLRDHUP as u32 != 0 && bits & libc::EPOLLERR as u32 == 0 {
                 slot.peer_closed = true;
+            }
+            if bits & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
+                slot.hung_up = true;
             }
             for (dir, mask) in [(Direction::Read, read), (Direction::Write, write)] {
                 if bits & mask != 0 {
@@ -386,6 +393,12 @@ impl Registration {
     pub fn peer_closed(&self) -> bool {
         self.slot_of(Direction::Read)
             .is_some_and(|(reactor, key)| reactor.slots.borrow()[key].peer_closed)
+    }
+
+    /// Whether the connection is known to be over (`EPOLLERR`/`EPOLLHUP`): no event will follow.
+    pub fn hung_up(&self) -> bool {
+        self.slot_of(Direction::Read)
+            .is_some_and(|(reactor, key)| reactor.slots.borrow()[key].hung_up)
     }
 
     /// Records that a call in `dir` returned `EAGAIN`, then waits for the next event.

@@ -90,6 +90,13 @@ fn text(r: &BenchResult) -> String {
     use std::fmt::Write;
     let mut o = String::new();
     let f = &r.failed;
+    if r.interrupted {
+        let _ = writeln!(
+            o,
+            "Interrupted:            yes (Ctrl-C or SIGTERM): the numbers below are what was \
+             measured until then"
+        );
+    }
     let _ = writeln!(o, "Server Software:        {}", r.server_software);
     let _ = writeln!(o, "Server Hostname:        {}", r.target.host);
     let _ = writeln!(o, "Server Port:            {}", r.target.port);

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use crate::chart::{self, Panel, Series};
 use crate::report;
-use crate::sweep::Sweep;
+use crate::sweep::{Status, Sweep};
 
 /// The folder name for a sweep started now: `<UTC date-time>-<label>`.
 pub fn folder_name(label: &str) -> String {
@@ -25,17 +25,43 @@ pub fn folder_name(label: &str) -> String {
     format!("{}-{label}", crate::machine::utc_now_compact())
 }
 
+/// Creates a results folder (and its parents), with a message that names it on failure.
+pub fn create(dir: &Path) -> io::Result<()> {
+    std::fs::create_dir_all(dir)
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display())))
+}
+
 /// Writes `README.md`, `sweep.json` and `chart.svg` into `dir` (created if needed).
 pub fn write(sweep: &Sweep, dir: &Path) -> io::Result<PathBuf> {
-    std::fs::create_dir_all(dir)
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot create {}: {e}", dir.display())))?;
-    std::fs::write(dir.join("README.md"), markdown(sweep))?;
+    create(dir)?;
+    let named = |name: &str, e: io::Error| {
+        io::Error::new(
+            e.kind(),
+            format!("cannot write {}: {e}", dir.join(name).display()),
+        )
+    };
+    write_json(sweep, dir)?;
+    std::fs::write(dir.join("README.md"), markdown(sweep)).map_err(|e| named("README.md", e))?;
+    std::fs::write(dir.join("chart.svg"), svg(sweep)).map_err(|e| named("chart.svg", e))?;
+    Ok(dir.to_path_buf())
+}
+
+/// Writes `sweep.json` alone (between cells, so a sweep that ends badly keeps its numbers). It
+/// goes to a temporary name first and is renamed over the old one, so a reader never sees half
+/// a file.
+pub fn write_json(sweep: &Sweep, dir: &Path) -> io::Result<()> {
     let mut json =
         serde_json::to_string_pretty(&JsonSweep::new(sweep)).map_err(io::Error::other)?;
     json.push('\n');
-    std::fs::write(dir.join("sweep.json"), json)?;
-    std::fs::write(dir.join("chart.svg"), svg(sweep))?;
-    Ok(dir.to_path_buf())
+    let tmp = dir.join(".sweep.json.tmp");
+    std::fs::write(&tmp, json)
+        .and_then(|()| std::fs::rename(&tmp, dir.join("sweep.json")))
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("cannot write {}: {e}", dir.join("sweep.json").display()),
+            )
+        })
 }
 
 /// `sweep.json`: the sweep plus, per run, the derived rates a reader would otherwise recompute.
@@ -81,6 +107,30 @@ fn markdown(s: &Sweep) -> String {
     let mut o = String::new();
     let m = &s.machine;
     let _ = writeln!(o, "# ringlab sweep, {}\n", m.started_utc);
+    match &s.status {
+        Status::Complete => {}
+        Status::Running => {
+            let _ = writeln!(o, "**Partial: still running when this was written.**\n");
+        }
+        Status::Interrupted => {
+            let _ = writeln!(
+                o,
+                "**Partial: interrupted (Ctrl-C or SIGTERM) after {} of {} runs; the tables \
+                 show the cells measured until then.**\n",
+                s.measured_runs(),
+                s.planned_runs
+            );
+        }
+        Status::Failed(why) => {
+            let _ = writeln!(
+                o,
+                "**Partial: failed after {} of {} runs ({why}); the tables show the cells \
+                 measured until then.**\n",
+                s.measured_runs(),
+                s.planned_runs
+            );
+        }
+    }
     let _ = writeln!(o, "| | |\n| --- | --- |");
     let _ = writeln!(o, "| Started (UTC) | {} |", m.started_utc);
     let _ = writeln!(

@@ -36,7 +36,8 @@ pub struct SweepConfig {
     pub timeout: Duration,
     /// How servers started elsewhere were placed, recorded with the results (`--note`).
     pub note: Option<String>,
-    /// Tripped by Ctrl-C: the sweep stops after the current cell, stops the lab, writes nothing.
+    /// Tripped by Ctrl-C: the cell in flight is abandoned, the lab stopped, and what was measured
+    /// until then is kept, marked interrupted.
     pub stop: Shutdown,
 }
 
@@ -68,9 +69,25 @@ impl Cell {
     }
 }
 
-/// A finished sweep.
+/// How far a sweep got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "state", content = "why")]
+pub enum Status {
+    /// Still measuring (what a `sweep.json` written between cells says).
+    Running,
+    /// Every cell measured.
+    Complete,
+    /// Stopped by Ctrl-C or SIGTERM; the cells measured until then are kept.
+    Interrupted,
+    /// A cell failed; the cells measured until then are kept.
+    Failed(String),
+}
+
+/// A sweep, finished or in progress: the cells hold every repetition measured so far.
 #[derive(Debug, Clone, Serialize)]
 pub struct Sweep {
+    /// Whether every cell was measured.
+    pub status: Status,
     /// Where and with what it ran.
     pub machine: Machine,
     /// Which core ran what.
@@ -89,8 +106,10 @@ pub struct Sweep {
     pub targets: Vec<NamedTarget>,
     /// Concurrency levels.
     pub concurrency: Vec<usize>,
-    /// Every cell.
+    /// Every cell with at least one repetition, in the order first measured.
     pub cells: Vec<Cell>,
+    /// Cells planned: targets × concurrency levels × repetitions.
+    pub planned_runs: usize,
 }
 
 impl Sweep {
@@ -100,16 +119,96 @@ impl Sweep {
             .iter()
             .find(|c| c.target == target && c.concurrency == concurrency)
     }
+
+    /// Repetitions measured so far, over all cells.
+    pub fn measured_runs(&self) -> usize {
+        self.cells.iter().map(|c| c.runs.len()).sum()
+    }
+
+    /// Adds a repetition to its cell (creating the cell on its first one) and keeps the median.
+    fn add(&mut self, target: &str, concurrency: usize, run: BenchResult) {
+        let found = self
+            .cells
+            .iter_mut()
+            .find(|c| c.target == target && c.concurrency == concurrency);
+        let cell = match found {
+            Some(cell) => cell,
+            None => {
+                self.cells.push(Cell {
+                    target: target.to_string(),
+                    concurrency,
+                    runs: Vec::new(),
+                    median: 0,
+                });
+                self.cells.last_mut().expect("just pushed")
+            }
+        };
+        cell.runs.push(run);
+        cell.median = median_index(&cell.runs);
+    }
 }
 
-/// Runs the sweep: starts the lab unless targets were given, measures, stops what it started.
-pub fn run(config: &SweepConfig) -> io::Result<Sweep> {
+/// Where a sweep's numbers go while it runs, so a run that is interrupted, fails, or cannot be
+/// written at the end still keeps what it measured.
+pub trait Record {
+    /// Called once the lab is up, before the first cell: a failure here (an output folder that
+    /// cannot be made) stops the sweep before anything is measured.
+    fn started(&mut self, sweep: &Sweep) -> io::Result<()>;
+    /// Called after every repetition with everything measured so far; best effort.
+    fn measured(&mut self, sweep: &Sweep);
+}
+
+/// Records nothing (for callers that only want the returned [`Sweep`]).
+pub struct Discard;
+
+impl Record for Discard {
+    fn started(&mut self, _: &Sweep) -> io::Result<()> {
+        Ok(())
+    }
+    fn measured(&mut self, _: &Sweep) {}
+}
+
+/// Checks a sweep's flags before anything starts or touches the disk.
+pub fn validate(config: &SweepConfig) -> io::Result<()> {
     if config.concurrency.is_empty() || config.repeat == 0 || config.requests == 0 {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
+        return Err(crate::cli::usage(
             "a sweep needs at least one concurrency level, one repetition and one request",
         ));
     }
+    if let Some(&c) = config
+        .concurrency
+        .iter()
+        .find(|&&c| c as u64 > config.requests)
+    {
+        return Err(crate::cli::usage(format!(
+            "concurrency {c} is more than the {} requests per cell; lower -c or raise -n",
+            config.requests
+        )));
+    }
+    Ok(())
+}
+
+/// Runs the sweep and returns it only if every cell was measured (an interrupted or failed
+/// sweep is an error); [`run_recording`] keeps partial sweeps.
+pub fn run(config: &SweepConfig) -> io::Result<Sweep> {
+    let sweep = run_recording(config, &mut Discard)?;
+    match &sweep.status {
+        Status::Complete => Ok(sweep),
+        Status::Interrupted => Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "sweep interrupted",
+        )),
+        Status::Failed(why) => Err(io::Error::other(why.clone())),
+        Status::Running => unreachable!("a returned sweep has ended"),
+    }
+}
+
+/// Runs the sweep: starts the lab unless targets were given, measures every cell (handing each
+/// result to `record` as it comes), stops what it started. Returns the sweep with its status:
+/// a Ctrl-C or a failing cell ends it early, with the cells measured until then. Errors only when
+/// nothing could be measured (flags, the lab, the recorder's start).
+pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Result<Sweep> {
+    validate(config)?;
     let machine = Machine::probe();
     let lab = if config.targets.is_empty() {
         Some(Lab::start(&config.ports, &config.placement).map_err(|e| {
@@ -141,8 +240,23 @@ pub fn run(config: &SweepConfig) -> io::Result<Sweep> {
             t.name, t.addr, t.description
         );
     }
-    let progress = Progress::new(targets.len() * config.concurrency.len() * config.repeat);
-
+    let planned = targets.len() * config.concurrency.len() * config.repeat;
+    let mut sweep = Sweep {
+        status: Status::Running,
+        machine,
+        placement: config.placement.clone(),
+        started_lab: config.targets.is_empty(),
+        note: config.note.clone(),
+        requests: config.requests,
+        repeat: config.repeat,
+        keep_alive: config.keep_alive,
+        targets: targets.clone(),
+        concurrency: config.concurrency.clone(),
+        cells: Vec::new(),
+        planned_runs: planned,
+    };
+    record.started(&sweep)?;
+    let progress = Progress::new(planned);
     let bench = |target: &NamedTarget, requests: u64, concurrency: usize| {
         client::run(BenchConfig {
             target: Target::from_addr(target.addr),
@@ -152,29 +266,50 @@ pub fn run(config: &SweepConfig) -> io::Result<Sweep> {
             time_limit: None,
             timeout: config.timeout,
             cpus: target.client_cpus.iter().copied().map(Some).collect(),
-            stop: None,
+            stop: Some(config.stop.clone()),
         })
         .map_err(|e| io::Error::new(e.kind(), format!("target {}: {e}", target.name)))
     };
+    sweep.status = measure(config, &targets, &mut sweep, record, &progress, &bench);
+    progress.finish();
+    if let Some(lab) = lab {
+        lab.stop();
+    }
+    Ok(sweep)
+}
 
+/// The matrix itself: warm-up, then every repetition of every cell, targets interleaved.
+fn measure(
+    config: &SweepConfig,
+    targets: &[NamedTarget],
+    sweep: &mut Sweep,
+    record: &mut dyn Record,
+    progress: &Progress,
+    bench: &dyn Fn(&NamedTarget, u64, usize) -> io::Result<BenchResult>,
+) -> Status {
+    let ended = |r: io::Result<BenchResult>| match r {
+        // A run cut short by Ctrl-C is not a measurement of the cell: it is dropped.
+        Ok(r) if r.interrupted => Err(Status::Interrupted),
+        Ok(r) => Ok(r),
+        Err(e) => Err(Status::Failed(e.to_string())),
+    };
     if config.warmup > 0 {
-        for t in &targets {
-            bench(t, config.warmup, 1)?;
+        for t in targets {
+            if let Err(status) = ended(bench(t, config.warmup, 1)) {
+                return status;
+            }
         }
     }
-    let mut runs: Vec<Vec<Vec<BenchResult>>> =
-        vec![vec![Vec::new(); config.concurrency.len()]; targets.len()];
     for rep in 0..config.repeat {
-        for (ci, &c) in config.concurrency.iter().enumerate() {
-            for (ti, t) in targets.iter().enumerate() {
+        for &c in &config.concurrency {
+            for t in targets {
                 if config.stop.is_triggered() {
-                    progress.finish();
-                    return Err(io::Error::new(
-                        io::ErrorKind::Interrupted,
-                        "sweep interrupted; the lab was stopped and no results were written",
-                    ));
+                    return Status::Interrupted;
                 }
-                let r = bench(t, config.requests, c)?;
+                let r = match ended(bench(t, config.requests, c)) {
+                    Ok(r) => r,
+                    Err(status) => return status,
+                };
                 progress.step(&format!(
                     "rep {}/{} c={c} {}: {:.0} req/s, {} failed",
                     rep + 1,
@@ -183,40 +318,12 @@ pub fn run(config: &SweepConfig) -> io::Result<Sweep> {
                     r.requests_per_sec(),
                     r.failed.total()
                 ));
-                runs[ti][ci].push(r);
+                sweep.add(&t.name, c, r);
+                record.measured(sweep);
             }
         }
     }
-    progress.finish();
-    if let Some(lab) = lab {
-        lab.stop();
-    }
-
-    let mut cells = Vec::new();
-    for (ti, t) in targets.iter().enumerate() {
-        for (ci, &c) in config.concurrency.iter().enumerate() {
-            let runs = std::mem::take(&mut runs[ti][ci]);
-            let median = median_index(&runs);
-            cells.push(Cell {
-                target: t.name.clone(),
-                concurrency: c,
-                runs,
-                median,
-            });
-        }
-    }
-    Ok(Sweep {
-        machine,
-        placement: config.placement.clone(),
-        started_lab: config.targets.is_empty(),
-        note: config.note.clone(),
-        requests: config.requests,
-        repeat: config.repeat,
-        keep_alive: config.keep_alive,
-        targets,
-        concurrency: config.concurrency.clone(),
-        cells,
-    })
+    Status::Complete
 }
 
 /// Where things ran: the whole placement when this sweep started the lab, else the client's CPUs

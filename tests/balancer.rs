@@ -200,3 +200,73 @@ fn answer_and_fin_are_relayed_in_one_segment() {
         );
     }
 }
+
+/// A wildcard listener whose backend turns out to be itself (an address the start-up check
+/// could not know about, stood in for here by calling `serve` without that check): the loop is
+/// seen on the first connection that arrives from the balancer, refused, and the backend leaves
+/// the rotation, instead of each connection making another until the cap.
+#[test]
+fn a_connection_from_the_balancer_itself_is_refused_at_run_time() {
+    let listener = ringlab::listen::bind_one("0.0.0.0:0".parse().unwrap()).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let itself: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let mut config = BalancerConfig::new(vec![itself]);
+    config.health.cooldown = Duration::from_secs(60);
+    let shutdown = ringlab::shutdown::Shutdown::new();
+    let health = std::sync::Arc::new(ringlab::health::Health::new(
+        &config.backends,
+        config.health,
+        false,
+    ));
+    let stop = shutdown.clone();
+    let ex = ringlab::placement::spawn_pinned("lb-loop", None, move || {
+        ringlab::balancer::serve(listener, config, health, false, stop)
+    })
+    .unwrap();
+    let lb = running(vec![itself], shutdown, vec![ex]);
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(itself).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let _ = s.write_all(b"GET / HTTP/1.0\r\n\r\n");
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        assert!(out.is_empty());
+    }
+    let report = &lb.stop()[0];
+    assert!(report.self_loops >= 1, "{report:?}");
+    // Three clients, each with at most a loop connection or two, not thousands.
+    assert!(report.accepted <= 9, "{report:?}");
+}
+
+/// Pairs still open when the drain deadline passes are reset, not closed: a client in the middle
+/// of an answer must not read a clean end.
+#[test]
+fn pairs_still_open_at_the_drain_deadline_are_reset() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let stalled = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 64];
+        let _ = s.read(&mut buf);
+        s.write_all(b"HTTP/1.0 200 OK\r\n\r\nhalf").unwrap();
+        std::thread::sleep(Duration::from_secs(10));
+    });
+    let mut config = BalancerConfig::new(vec![stalled]);
+    config.drain_timeout = Duration::from_millis(200);
+    let lb = balancer_with(config, 1);
+    let mut client = TcpStream::connect(lb.addr()).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    client.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut half = [0u8; 23];
+    client.read_exact(&mut half).unwrap();
+    lb.shutdown.trigger();
+    let mut rest = Vec::new();
+    let end = client.read_to_end(&mut rest);
+    assert_eq!(
+        end.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset)
+    );
+    assert!(lb.stop()[0].idle_closed >= 1);
+}
