@@ -262,9 +262,8 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     want = args.only.split(",")
     res = {"started_utc": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           # `ringlab --version` carries the git revision the binary was built from.
            "ringlab": subprocess.run([BIN, "--version"], capture_output=True, text=True).stdout.strip(),
-           "git_revision": subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"],
-                                          capture_output=True, text=True, cwd=ROOT).stdout.strip(),
            "kernel": " ".join(os.uname()[2:5:2]), "cpus": os.cpu_count(), "command": " ".join(sys.argv)}
     if "term" in want:
         res["term"] = chaos(signal.SIGTERM, args.requests)
@@ -296,7 +295,8 @@ def write(res, out, folder=None):
     with open(os.path.join(folder, "chaos.json"), "w") as f:
         json.dump(res, f, indent=2)
     o = [f"# ringlab on a bad day, {res['started_utc']}\n",
-         f"{res['ringlab']} (git {res['git_revision']}), {res['kernel']}, {res['cpus']} CPUs; "
+         f"{res['ringlab']}{' (git ' + res['git_revision'] + ')' if 'git_revision' in res else ''}, "
+         f"{res['kernel']}, {res['cpus']} CPUs; "
          f"backends on CPU {LAST}, balancer on CPU 0, client on CPU {LAST}. Command: `{res['command']}`\n"]
     for name, label in [("term", "SIGTERM"), ("kill", "SIGKILL")]:
         if name in res:

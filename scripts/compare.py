@@ -13,6 +13,10 @@ request. Medians over the rounds; every round is kept in compare.json.
 Usage: scripts/compare.sh [--rounds 5] [--requests 50000] [--low-requests 10000] [--quick]
 Writes results/<UTC date-time>-compare/{README.md,compare.json}. Needs haproxy, nginx with the
 stream module, wrk and ab (the wrapper installs them with apt-get when run as root).
+
+scripts/compare.sh --aborts [--tries 10] instead measures how each balancer passes an abort on:
+a backend's reset after part of a response, a 431 for a huge request head (the backend closes
+with the head unread, which resets), and a client's reset. Writes results/<date>-aborts/.
 """
 
 import argparse
@@ -172,7 +176,8 @@ def machine():
     model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
                   if l.startswith("model name")), "unknown")
     return {"cpu_model": model, "cpus": os.cpu_count(), "kernel": " ".join(os.uname()[2:5:2]),
-            "ringlab": sh(BIN, "--version"), "git_revision": sh("git", "describe", "--always", "--dirty", "--abbrev=12"),
+            # `ringlab --version` carries the git revision it was built from.
+            "ringlab": sh(BIN, "--version"),
             "haproxy": sh("haproxy", "-v").splitlines()[0] if shutil.which("haproxy") else "missing",
             "nginx": subprocess.run(["nginx", "-v"], capture_output=True, text=True).stderr.strip(),
             "wrk": (sh("wrk", "--version") or "wrk").splitlines()[0],
@@ -180,10 +185,10 @@ def machine():
             "command": " ".join(sys.argv)}
 
 
-def haproxy_cfg(path, cores, port):
+def haproxy_cfg(path, cores, port, backends=BACKENDS):
     nofile = os.sysconf("SC_OPEN_MAX")
     maxconn = max(1000, min(8000, (nofile - 200) // 2))
-    servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(BACKENDS))
+    servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
     with open(path, "w") as f:
         f.write(f"""global
     nbthread {cores}
@@ -203,8 +208,8 @@ backend be
 """)
 
 
-def nginx_conf(path, tmp, cores, stream_port=None, http_port=None, cpu_mask=None):
-    ups = " ".join(f"server 127.0.0.1:{p};" for p in BACKENDS)
+def nginx_conf(path, tmp, cores, stream_port=None, http_port=None, cpu_mask=None, backends=BACKENDS):
+    ups = " ".join(f"server 127.0.0.1:{p};" for p in backends)
     body = ""
     head = ""
     if stream_port:
@@ -238,7 +243,11 @@ def main():
     ap.add_argument("--concurrency", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="tiny run to check the script works")
     ap.add_argument("--out", default=os.path.join(ROOT, "results"))
+    ap.add_argument("--aborts", action="store_true", help="measure how aborts are passed on instead")
+    ap.add_argument("--tries", type=int, default=10, help="tries per abort scenario (--aborts)")
     args = ap.parse_args()
+    if args.aborts:
+        return aborts(args)
     if args.quick:
         args.rounds, args.requests, args.low_requests = 1, 2000, 500
     for tool in ["haproxy", "nginx", "wrk", "ab", "taskset"]:
@@ -335,7 +344,7 @@ def write(res, args):
     o = [f"# ringlab vs HAProxy and nginx, {m['started_utc']}\n",
          "| | |\n| --- | --- |",
          f"| Machine | {m['cpu_model']}, {m['cpus']} CPUs |", f"| Kernel | {m['kernel']} |",
-         f"| ringlab | {m['ringlab']} (git {m['git_revision']}) |",
+         f"| ringlab | {m['ringlab']} |",
          f"| Peers | {m['haproxy']}; {m['nginx']}; {m['wrk']} |",
          f"| Command | `{m['command']}` |",
          f"| Method | {args.rounds} alternating rounds (A B C A B C …), medians with [min–max]; "
@@ -375,6 +384,140 @@ def write(res, args):
     o.append(f"\n## Clients against nginx, c={args.concurrency}, pinned to CPU 0\n")
     o.append(fmt_table(s, [("client", lambda r: r["name"]), ("req/s", rate), ("client CPU µs/request", cpu)]))
     o.append("\n`compare.json` holds every round.\n")
+    with open(os.path.join(folder, "README.md"), "w") as f:
+        f.write("\n".join(o))
+    print("\n".join(o))
+    print(f"wrote {folder}")
+
+
+def stand_in(port, serve):
+    """A misbehaving backend on `port`: `serve(conn)` runs on a thread per connection."""
+    import socket
+    import threading
+    ls = socket.socket()
+    ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    ls.bind(("127.0.0.1", port))
+    ls.listen(256)
+
+    def loop():
+        while True:
+            c, _ = ls.accept()
+            threading.Thread(target=serve, args=(c,), daemon=True).start()
+    threading.Thread(target=loop, daemon=True).start()
+
+
+def end_of(sock, limit=1 << 22):
+    """Reads until the peer ends: (first bytes, 'reset' | 'end-of-file' | 'timeout')."""
+    import socket
+    got = b""
+    sock.settimeout(10)
+    try:
+        while len(got) < limit:
+            d = sock.recv(65536)
+            if not d:
+                return got, "end-of-file"
+            got += d
+        return got, "too much"
+    except ConnectionResetError:
+        return got, "reset"
+    except socket.timeout:
+        return got, "timeout"
+
+
+def aborts(args):
+    """How each balancer passes an abort on, counted over --tries tries per scenario."""
+    import socket
+    import struct
+    import threading
+    import collections
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    tmp = tempfile.mkdtemp(prefix="ringlab-aborts-")
+    atexit.register(stop_all)
+    partial, refusing, watching = 29101, 29102, 29103
+    linger0 = struct.pack("ii", 1, 0)
+
+    def partial_then_reset(c):
+        c.recv(65536)
+        c.sendall(b"HTTP/1.0 200 OK\r\n\r\npartial-body")
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger0)
+        c.close()
+    client_ends = collections.Counter()
+
+    def watch_client_end(c):
+        c.recv(5)
+        c.sendall(b"ok")
+        _, how = end_of(c)
+        client_ends[how] += 1
+    stand_in(partial, partial_then_reset)
+    stand_in(watching, watch_client_end)
+    start("backend-431", [BIN, "backend", "--listen", str(refusing), "--cpu", str(os.cpu_count() - 1)], log_dir=tmp)
+    wait_port(refusing)
+    rows = []
+    for name in ["ringlab-lb", "haproxy", "nginx-stream"]:
+        per = {}
+        for scenario, backend in [("partial", partial), ("431-200KB", refusing), ("431-1MiB", refusing),
+                                  ("client-reset", watching)]:
+            port = 29110
+            if name == "ringlab-lb":
+                proc = start(f"{name}-{scenario}", [BIN, "lb", "--listen", str(port), "--backend", str(backend)], log_dir=tmp)
+            elif name == "haproxy":
+                haproxy_cfg(f"{tmp}/h-{scenario}.cfg", 1, port, backends=[backend])
+                proc = start(f"{name}-{scenario}", ["haproxy", "-f", f"{tmp}/h-{scenario}.cfg"], log_dir=tmp)
+            else:
+                nginx_conf(f"{tmp}/n-{scenario}.conf", tmp, 1, stream_port=port, backends=[backend])
+                proc = start(f"{name}-{scenario}", ["nginx", "-c", f"{tmp}/n-{scenario}.conf"], log_dir=tmp)
+            wait_port(port)
+            # The port probe reaches the backend too; let its end be counted, then forget it.
+            time.sleep(0.3)
+            seen = collections.Counter()
+            client_ends.clear()
+            for _ in range(args.tries):
+                s = socket.create_connection(("127.0.0.1", port))
+                if scenario.startswith("431"):
+                    size = 200_000 if scenario.endswith("200KB") else 1 << 20
+                    head = b"GET / HTTP/1.1\r\nX: " + b"a" * size + b"\r\n\r\n"
+                    t = threading.Thread(target=s.sendall, args=(head,), daemon=True)
+                    t.start()
+                    got, how = end_of(s)
+                    seen[(got[:12].decode(errors="replace") or "no bytes") + ", then " + how] += 1
+                elif scenario == "partial":
+                    s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                    got, how = end_of(s)
+                    seen[f"{len(got)} bytes, then {how}"] += 1
+                else:
+                    s.sendall(b"hello")
+                    s.recv(2)
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger0)
+                s.close()
+            if scenario == "client-reset":
+                time.sleep(0.5)
+                seen = collections.Counter({f"backend read {k}": v for k, v in client_ends.items()})
+            per[scenario] = dict(seen)
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=15)
+            print(f"{name} {scenario}: {dict(seen)}", flush=True)
+        rows.append((name, per))
+    m = machine()
+    folder = os.path.join(args.out, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-aborts")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "aborts.json"), "w") as f:
+        json.dump({"machine": m, "tries": args.tries, "balancers": dict(rows)}, f, indent=2)
+    fmt = lambda d: "; ".join(f"{v}× {k}" for k, v in sorted(d.items()))
+    o = [f"# How balancers pass aborts on, {m['started_utc']}\n", "| | |\n| --- | --- |",
+         f"| Machine | {m['cpu_model']}, {m['cpus']} CPUs |", f"| Kernel | {m['kernel']} |",
+         f"| ringlab | {m['ringlab']} |",
+         f"| Peers | {m['haproxy']}; {m['nginx']} |", f"| Command | `{m['command']}` |",
+         f"| Method | {args.tries} tries per scenario, each balancer in front of one backend on loopback |\n",
+         "| scenario | what a direct client sees | " + " | ".join(n for n, _ in rows) + " |",
+         "| --- | --- |" + " --- |" * len(rows)]
+    direct = {"partial": "31 bytes (head and 12 body bytes), then a reset (curl exits 56)",
+              "431-200KB": "431, then end-of-file", "431-1MiB": "431, then end-of-file",
+              "client-reset": "(the backend reads a reset)"}
+    for scenario in ["partial", "431-200KB", "431-1MiB", "client-reset"]:
+        o.append(f"| {scenario} | {direct[scenario]} | " + " | ".join(fmt(per[scenario]) for _, per in rows) + " |")
+    o.append("\n`partial`: the backend sends `HTTP/1.0 200 OK` and 12 body bytes with no length, then resets. "
+             "`431-*`: `ringlab backend` refuses a head of that size with 431 and closes with the rest unread. "
+             "`client-reset`: the client sends 5 bytes, reads the answer, then resets.\n")
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write("\n".join(o))
     print("\n".join(o))
