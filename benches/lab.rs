@@ -8,9 +8,9 @@
 
 use std::time::Duration;
 
-use ringlab::shutdown::Shutdown;
-use ringlab::sweep::{self, SweepConfig};
-use ringlab::topology::{Placement, Ports};
+use ringlab::io::shutdown::Shutdown;
+use ringlab::lab::sweep::{self, SweepConfig};
+use ringlab::lab::topology::{Placement, Ports};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -32,7 +32,7 @@ fn main() {
     } else {
         env("RINGLAB_BENCH_REPEAT", 3) as usize
     };
-    let placement = Placement::default_for(&ringlab::placement::allowed_cpus());
+    let placement = Placement::default_for(&ringlab::io::placement::allowed_cpus());
     let config = SweepConfig {
         requests,
         concurrency: vec![1, 5, 50],

@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::report::Format;
+use crate::lab::report::Format;
 
 /// ringlab — the networking performance lab on pinned glommio executors.
 ///
 /// Four HTTP backends behind a round-robin L4 balancer, compared with a direct async server and a
 /// thread-per-connection server. Run each piece by hand with the subcommands below.
 #[derive(Debug, Parser)]
-#[command(name = "ringlab", version = crate::machine::VERSION, propagate_version = true)]
+#[command(name = "ringlab", version = crate::lab::machine::VERSION, propagate_version = true)]
 pub struct Cli {
     /// What to run.
     #[command(subcommand)]
@@ -54,7 +54,7 @@ pub struct BackendArgs {
 #[derive(Debug, Args)]
 pub struct HttpArgs {
     /// Largest request head accepted, in bytes; a longer one gets 431 and a close.
-    #[arg(long, value_name = "BYTES", default_value_t = crate::http::DEFAULT_MAX_HEAD, value_parser = usize_at_least::<64>)]
+    #[arg(long, value_name = "BYTES", default_value_t = crate::serve::http::DEFAULT_MAX_HEAD, value_parser = usize_at_least::<64>)]
     pub max_head: usize,
     /// Time a client has to send a complete request head (and, on keep-alive, the next one).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]

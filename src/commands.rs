@@ -3,22 +3,22 @@
 
 use std::io;
 
-use crate::backend::{self, BackendConfig, ListenerStats};
-use crate::balancer::{self, BalancerConfig, BalancerReport};
 use crate::cli::{
     self, BackendArgs, BenchArgs, Command, HttpArgs, LbArgs, SweepArgs, ThreadedArgs,
 };
-use crate::client::{self, BenchConfig, Target};
-use crate::health::HealthPolicy;
-use crate::limits;
-use crate::listen;
-use crate::placement;
-use crate::report;
-use crate::results;
-use crate::shutdown::{self, Shutdown};
-use crate::sweep::{self, SweepConfig};
-use crate::threaded;
-use crate::topology::{NamedTarget, Placement, Ports};
+use crate::io::limits;
+use crate::io::listen;
+use crate::io::placement;
+use crate::io::shutdown::{self, Shutdown};
+use crate::lab::client::{self, BenchConfig, Target};
+use crate::lab::report;
+use crate::lab::results;
+use crate::lab::sweep::{self, SweepConfig};
+use crate::lab::topology::{NamedTarget, Placement, Ports};
+use crate::serve::backend::{self, BackendConfig, ListenerStats};
+use crate::serve::balancer::{self, BalancerConfig, BalancerReport};
+use crate::serve::health::HealthPolicy;
+use crate::serve::threaded;
 
 /// Runs one subcommand to completion. Errors carry a one-line, user-facing message.
 pub fn run(command: Command) -> io::Result<()> {

@@ -7,8 +7,8 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::*;
-use ringlab::backend::BackendConfig;
-use ringlab::http;
+use ringlab::serve::backend::BackendConfig;
+use ringlab::serve::http;
 
 /// Checks a 200 response is the lab's byte layout, with a Date that parses as now-ish.
 fn assert_lab_response(resp: &[u8], id: &str) {
@@ -34,12 +34,12 @@ fn backend_sends_the_lab_bytes() {
 
 #[test]
 fn threaded_sends_the_same_bytes() {
-    let listener = ringlab::listen::bind_one("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = ringlab::io::listen::bind_one("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
-    let shutdown = ringlab::shutdown::Shutdown::new();
+    let shutdown = ringlab::io::shutdown::Shutdown::new();
     let stopper = shutdown.clone();
     let server = std::thread::spawn(move || {
-        ringlab::threaded::serve(listener, BackendConfig::default(), stopper).unwrap()
+        ringlab::serve::threaded::serve(listener, BackendConfig::default(), stopper).unwrap()
     });
     assert_lab_response(&get(addr), &id_of(addr));
     let ka = keep_alive_round_trips(addr, 3);

@@ -7,7 +7,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::time::Duration;
 
 use common::*;
-use ringlab::balancer::BalancerConfig;
+use ringlab::serve::balancer::BalancerConfig;
 
 #[test]
 fn rotation_over_four_backends_is_exact() {
@@ -207,20 +207,20 @@ fn answer_and_fin_are_relayed_in_one_segment() {
 /// the rotation, instead of each connection making another until the cap.
 #[test]
 fn a_connection_from_the_balancer_itself_is_refused_at_run_time() {
-    let listener = ringlab::listen::bind_one("0.0.0.0:0".parse().unwrap()).unwrap();
+    let listener = ringlab::io::listen::bind_one("0.0.0.0:0".parse().unwrap()).unwrap();
     let port = listener.local_addr().unwrap().port();
     let itself: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let mut config = BalancerConfig::new(vec![itself]);
     config.health.cooldown = Duration::from_secs(60);
-    let shutdown = ringlab::shutdown::Shutdown::new();
-    let health = std::sync::Arc::new(ringlab::health::Health::new(
+    let shutdown = ringlab::io::shutdown::Shutdown::new();
+    let health = std::sync::Arc::new(ringlab::serve::health::Health::new(
         &config.backends,
         config.health,
         false,
     ));
     let stop = shutdown.clone();
-    let ex = ringlab::placement::spawn_pinned("lb-loop", None, move || {
-        ringlab::balancer::serve(listener, config, health, false, stop)
+    let ex = ringlab::io::placement::spawn_pinned("lb-loop", None, move || {
+        ringlab::serve::balancer::serve(listener, config, health, false, stop)
     })
     .unwrap();
     let lb = running(vec![itself], shutdown, vec![ex]);

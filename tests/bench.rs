@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::*;
-use ringlab::client::{self, BenchResult};
+use ringlab::lab::client::{self, BenchResult};
 
 /// Runs ab and returns (complete, failed, total transferred, the Failed breakdown line).
 fn ab(args: &[&str], url: &str) -> (u64, u64, u64, String) {

@@ -3,7 +3,7 @@
 //! reproduce) check that nothing panics, that valid heads round-trip, and that feeding a head in
 //! pieces gives the same answer as feeding it whole. `fuzz/` runs the same parsers under libFuzzer.
 
-use ringlab::http::{self, HeadError, Route};
+use ringlab::serve::http::{self, HeadError, Route};
 
 /// xorshift64*: small, fast, and deterministic for a given seed.
 struct Rng(u64);

@@ -115,7 +115,7 @@ fn a_backend_reset_after_a_partial_response_reaches_the_client_as_a_reset() {
         );
     }
     // The built-in client counts the reset ones as failed (Receive), as it does directly.
-    let r = ringlab::client::run(bench_config(addr, 20, 1)).unwrap();
+    let r = ringlab::lab::client::run(bench_config(addr, 20, 1)).unwrap();
     assert_eq!(r.complete, 20);
     assert_eq!(r.failed.receive, 10, "{:?}", r.failed);
 }

@@ -10,15 +10,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use common::*;
-use ringlab::backend::BackendConfig;
-use ringlab::balancer::BalancerConfig;
-use ringlab::client;
+use ringlab::lab::client;
+use ringlab::serve::backend::BackendConfig;
+use ringlab::serve::balancer::BalancerConfig;
 
 /// A backend on a fixed address (for restarting it on the same port).
-fn backend_at(addr: SocketAddr) -> Running<Vec<ringlab::backend::ListenerStats>> {
-    let listener = ringlab::listen::bind_one(addr).unwrap();
-    let shutdown = ringlab::shutdown::Shutdown::new();
-    let ex = ringlab::backend::spawn(
+fn backend_at(addr: SocketAddr) -> Running<Vec<ringlab::serve::backend::ListenerStats>> {
+    let listener = ringlab::io::listen::bind_one(addr).unwrap();
+    let shutdown = ringlab::io::shutdown::Shutdown::new();
+    let ex = ringlab::serve::backend::spawn(
         vec![listener],
         None,
         BackendConfig::default(),
@@ -230,9 +230,9 @@ fn endless_load(
     addr: SocketAddr,
 ) -> (
     std::thread::JoinHandle<std::io::Result<client::BenchResult>>,
-    ringlab::shutdown::Shutdown,
+    ringlab::io::shutdown::Shutdown,
 ) {
-    let stop = ringlab::shutdown::Shutdown::new();
+    let stop = ringlab::io::shutdown::Shutdown::new();
     let mut config = bench_config(addr, u64::MAX, 8);
     config.stop = Some(stop.clone());
     (std::thread::spawn(move || client::run(config)), stop)
@@ -362,7 +362,7 @@ fn slow_and_hostile_clients_do_not_slow_anyone_else() {
 #[test]
 fn a_thousand_idle_connections_do_not_fail_anyone() {
     // Both ends live in this process: two descriptors per idle connection.
-    let n = (ringlab::limits::raise_nofile().saturating_sub(300) / 2).min(1000);
+    let n = (ringlab::io::limits::raise_nofile().saturating_sub(300) / 2).min(1000);
     assert!(n >= 400, "descriptor limit too low for this test");
     let b = backend(1);
     let idle: Vec<TcpStream> = (0..n)

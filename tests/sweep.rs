@@ -5,18 +5,18 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use ringlab::shutdown::Shutdown;
-use ringlab::sweep::{self, SweepConfig};
-use ringlab::topology::{Placement, Ports};
+use ringlab::io::shutdown::Shutdown;
+use ringlab::lab::sweep::{self, SweepConfig};
+use ringlab::lab::topology::{Placement, Ports};
 
-fn small(targets: Vec<ringlab::topology::NamedTarget>) -> SweepConfig {
+fn small(targets: Vec<ringlab::lab::topology::NamedTarget>) -> SweepConfig {
     SweepConfig {
         requests: 60,
         concurrency: vec![1, 2],
         repeat: 3,
         keep_alive: false,
         targets,
-        placement: Placement::default_for(&ringlab::placement::allowed_cpus()),
+        placement: Placement::default_for(&ringlab::io::placement::allowed_cpus()),
         ports: Ports::ephemeral(),
         warmup: 10,
         timeout: Duration::from_secs(10),
@@ -43,7 +43,7 @@ fn a_small_sweep_writes_readme_json_and_chart_in_the_labs_columns() {
     assert_eq!(lb.backends.iter().map(|b| b.1).collect::<Vec<_>>(), [15; 4]);
 
     let dir = tempfile::tempdir().unwrap();
-    let out = ringlab::results::write(&sweep, &dir.path().join("run")).unwrap();
+    let out = ringlab::lab::results::write(&sweep, &dir.path().join("run")).unwrap();
     let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
     for needle in [
         "| No Test | Concurrency Level | Time taken for test | Complete request | Failed request | Total transferred | Request per second | Time per request | Transfer rate |",

@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringlab::http::{self, HeadError};
+use ringlab::serve::http::{self, HeadError};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&knobs, input)) = data.split_first() else {

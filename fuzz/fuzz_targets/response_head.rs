@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use ringlab::http;
+use ringlab::serve::http;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(Some(head)) = http::parse_response_head(data, 0, 8192) {

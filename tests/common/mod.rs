@@ -6,12 +6,12 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use ringlab::backend::{self, BackendConfig, ListenerStats};
-use ringlab::balancer::{self, BalancerConfig, BalancerReport};
-use ringlab::client::{BenchConfig, Target};
-use ringlab::listen;
-use ringlab::placement::Executor;
-use ringlab::shutdown::Shutdown;
+use ringlab::io::listen;
+use ringlab::io::placement::Executor;
+use ringlab::io::shutdown::Shutdown;
+use ringlab::lab::client::{BenchConfig, Target};
+use ringlab::serve::backend::{self, BackendConfig, ListenerStats};
+use ringlab::serve::balancer::{self, BalancerConfig, BalancerReport};
 
 /// A running in-process server; dropping it stops it.
 pub struct Running<T> {

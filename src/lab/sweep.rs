@@ -7,10 +7,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::client::{self, BenchConfig, BenchResult, Target};
-use crate::machine::Machine;
-use crate::shutdown::Shutdown;
-use crate::topology::{Lab, NamedTarget, Placement, Ports};
+use crate::io::shutdown::Shutdown;
+use crate::lab::client::{self, BenchConfig, BenchResult, Target};
+use crate::lab::machine::Machine;
+use crate::lab::topology::{Lab, NamedTarget, Placement, Ports};
 
 /// What a sweep runs.
 #[derive(Debug, Clone)]
@@ -334,7 +334,7 @@ pub fn describe_placement(started_lab: bool, placement: &Placement, note: Option
     }
     format!(
         "client CPU {}; servers started elsewhere: {}",
-        crate::placement::format_cpus(&placement.client),
+        crate::io::placement::format_cpus(&placement.client),
         note.unwrap_or("placement not recorded (pass --note)")
     )
 }

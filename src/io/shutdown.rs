@@ -16,8 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
-use crate::conn::Conn;
-use crate::readiness;
+use crate::io::conn::Conn;
+use crate::io::readiness;
 
 /// A cloneable, thread-safe stop switch.
 #[derive(Clone, Default)]

@@ -14,13 +14,13 @@ use std::time::Duration;
 use futures_lite::future;
 use glommio::sync::Gate;
 
-use crate::accept;
-use crate::conn::{self, Conn};
-use crate::deadline::{self, Deadline, Deadlines};
-use crate::health::{Health, HealthPolicy};
-use crate::placement::{self, Executor};
-use crate::readiness;
-use crate::shutdown::{LocalStop, Shutdown};
+use crate::io::accept;
+use crate::io::conn::{self, Conn};
+use crate::io::deadline::{self, Deadline, Deadlines};
+use crate::io::placement::{self, Executor};
+use crate::io::readiness;
+use crate::io::shutdown::{LocalStop, Shutdown};
+use crate::serve::health::{Health, HealthPolicy};
 
 /// How the balancer connects, relays and stops.
 #[derive(Debug, Clone)]
@@ -68,7 +68,7 @@ impl BalancerConfig {
             health: HealthPolicy::default(),
             health_interval: None,
             retry_unanswered: None,
-            max_conns: crate::limits::default_max_conns(2),
+            max_conns: crate::io::limits::default_max_conns(2),
         }
     }
 }
@@ -155,7 +155,7 @@ impl Chooser for RoundRobin {
 }
 
 /// Starts one balancer executor per `(listener, cpu)` pair. The listeners are usually duplicates
-/// of one socket, so the executors share its accept queue (see [`crate::listen::bind_shared`]);
+/// of one socket, so the executors share its accept queue (see [`crate::io::listen::bind_shared`]);
 /// each has its own rotation. A backend that is the balancer's own address is refused here
 /// ([`check_backends`]).
 pub fn spawn(

@@ -6,9 +6,9 @@ use std::fmt::Write;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use crate::chart::{self, Panel, Series};
-use crate::report;
-use crate::sweep::{Status, Sweep};
+use crate::lab::chart::{self, Panel, Series};
+use crate::lab::report;
+use crate::lab::sweep::{Status, Sweep};
 
 /// The folder name for a sweep started now: `<UTC date-time>-<label>`.
 pub fn folder_name(label: &str) -> String {
@@ -22,7 +22,7 @@ pub fn folder_name(label: &str) -> String {
             }
         })
         .collect();
-    format!("{}-{label}", crate::machine::utc_now_compact())
+    format!("{}-{label}", crate::lab::machine::utc_now_compact())
 }
 
 /// Creates a results folder (and its parents), with a message that names it on failure.
@@ -147,7 +147,7 @@ fn markdown(s: &Sweep) -> String {
     let _ = writeln!(
         o,
         "| Placement | {} |",
-        crate::sweep::describe_placement(s.started_lab, &s.placement, s.note.as_deref())
+        crate::lab::sweep::describe_placement(s.started_lab, &s.placement, s.note.as_deref())
     );
     let _ = writeln!(
         o,
@@ -323,7 +323,7 @@ fn backend_spread(o: &mut String, s: &Sweep, target: &str) {
 }
 
 fn svg(s: &Sweep) -> String {
-    let series = |f: &dyn Fn(&crate::client::BenchResult) -> f64| -> Vec<Series> {
+    let series = |f: &dyn Fn(&crate::lab::client::BenchResult) -> f64| -> Vec<Series> {
         s.targets
             .iter()
             .map(|t| Series {

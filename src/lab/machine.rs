@@ -54,7 +54,7 @@ impl Machine {
         Machine {
             cpu_model,
             cpus_online: online,
-            cpus_allowed: crate::placement::format_cpus(&crate::placement::allowed_cpus()),
+            cpus_allowed: crate::io::placement::format_cpus(&crate::io::placement::allowed_cpus()),
             kernel,
             hostname,
             ringlab_version: env!("CARGO_PKG_VERSION").to_string(),
@@ -105,7 +105,7 @@ fn utc_now_parts() -> (String, String) {
     let secs = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let (year, month, day) = crate::http::civil_from_days((secs / 86_400) as i64);
+    let (year, month, day) = crate::serve::http::civil_from_days((secs / 86_400) as i64);
     let t = secs % 86_400;
     (
         format!("{year:04}-{month:02}-{day:02}"),

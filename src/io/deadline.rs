@@ -13,8 +13,8 @@ use std::rc::Rc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use crate::conn;
-use crate::shutdown::LocalStop;
+use crate::io::conn;
+use crate::io::shutdown::LocalStop;
 
 /// For [`Deadlines::arm`]: shut nothing down when the deadline passes, only wake the owner
 /// waiting in [`Deadline::expired`] (`SHUT_RD` is 0, so 0 cannot mean this).

@@ -3,7 +3,7 @@
 //! and go again until `n` requests are done or the time limit passes. It counts the way ApacheBench
 //! counts, and records latencies in HdrHistograms at microsecond resolution.
 //!
-//! Printing lives in [`crate::report`]; this module only measures.
+//! Printing lives in [`crate::lab::report`]; this module only measures.
 
 use std::cell::RefCell;
 use std::io;
@@ -16,12 +16,12 @@ use std::time::{Duration, Instant};
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use crate::conn::{self, Conn};
-use crate::deadline::{Deadline, Deadlines};
-use crate::http;
-use crate::placement;
-use crate::readiness;
-use crate::shutdown::{LocalStop, Shutdown};
+use crate::io::conn::{self, Conn};
+use crate::io::deadline::{Deadline, Deadlines};
+use crate::io::placement;
+use crate::io::readiness;
+use crate::io::shutdown::{LocalStop, Shutdown};
+use crate::serve::http;
 
 /// ab's default number of requests for a time-limited run without `-n`.
 pub const TIMED_REQUESTS: u64 = 50_000;

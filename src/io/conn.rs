@@ -1,5 +1,5 @@
 //! A TCP connection that does its I/O with plain non-blocking system calls and waits, only after
-//! one returned `EAGAIN`, on the executor's epoll set (see [`crate::readiness`]).
+//! one returned `EAGAIN`, on the executor's epoll set (see [`crate::io::readiness`]).
 //!
 //! Each wait used to arm an io_uring poll through a glommio stream; the profile showed the ring
 //! operations and, worse, a reschedule IPI for most of them (io_uring's task work), where nginx
@@ -10,7 +10,7 @@ use std::cell::Cell;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 
-use crate::readiness::{Direction, Registration};
+use crate::io::readiness::{Direction, Registration};
 
 /// A connected stream socket (TCP, or the stop watcher's socketpair) owned by the current
 /// executor.

@@ -6,12 +6,12 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
-use crate::backend::{self, BackendConfig, ListenerStats};
-use crate::balancer::{self, BalancerConfig, BalancerReport};
-use crate::listen;
-use crate::placement::{self, Executor};
-use crate::shutdown::Shutdown;
-use crate::threaded;
+use crate::io::listen;
+use crate::io::placement::{self, Executor};
+use crate::io::shutdown::Shutdown;
+use crate::serve::backend::{self, BackendConfig, ListenerStats};
+use crate::serve::balancer::{self, BalancerConfig, BalancerReport};
+use crate::serve::threaded;
 
 /// The ports each piece listens on (0: any free port, as tests use).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

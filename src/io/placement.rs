@@ -138,7 +138,7 @@ where
             match executor {
                 Ok(executor) => {
                     let _ = ready_tx.send(Ok(()));
-                    Some(executor.run(crate::readiness::tracked(make())))
+                    Some(executor.run(crate::io::readiness::tracked(make())))
                 }
                 Err(err) => {
                     let _ = ready_tx.send(Err(err.to_string()));

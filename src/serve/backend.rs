@@ -1,5 +1,5 @@
 //! The lab's HTTP server: one pinned glommio executor serves any number of listeners, answering
-//! each request with pre-built bytes from [`crate::http`].
+//! each request with pre-built bytes from [`crate::serve::http`].
 
 use std::cell::RefCell;
 use std::io;
@@ -10,13 +10,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_lite::future;
 use glommio::sync::Gate;
 
-use crate::accept;
-use crate::conn::Conn;
-use crate::deadline::{Deadline, Deadlines};
-use crate::http::{self, HeadError, Kind, Reply, Responses};
-use crate::placement::{self, Executor};
-use crate::readiness;
-use crate::shutdown::{LocalStop, Shutdown};
+use crate::io::accept;
+use crate::io::conn::Conn;
+use crate::io::deadline::{Deadline, Deadlines};
+use crate::io::placement::{self, Executor};
+use crate::io::readiness;
+use crate::io::shutdown::{LocalStop, Shutdown};
+use crate::serve::http::{self, HeadError, Kind, Reply, Responses};
 
 /// How a backend treats its clients.
 #[derive(Debug, Clone)]
@@ -38,7 +38,7 @@ impl Default for BackendConfig {
             max_head: http::DEFAULT_MAX_HEAD,
             head_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
-            max_conns: crate::limits::default_max_conns(1),
+            max_conns: crate::io::limits::default_max_conns(1),
         }
     }
 }

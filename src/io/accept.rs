@@ -11,9 +11,9 @@ use std::time::{Duration, Instant};
 use futures_lite::future;
 use glommio::sync::{Gate, Semaphore, StaticPermit};
 
-use crate::conn::Conn;
-use crate::readiness::{self, Direction, Registration};
-use crate::shutdown::LocalStop;
+use crate::io::conn::Conn;
+use crate::io::readiness::{self, Direction, Registration};
+use crate::io::shutdown::LocalStop;
 
 /// How long to pause accepting after the process or system runs out of a resource. Short enough
 /// to recover quickly once connections close, long enough not to burn the core on a full table.

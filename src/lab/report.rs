@@ -1,9 +1,9 @@
 //! Printing a benchmark: ab-style text, one markdown row in the lab's columns, or JSON carrying
-//! every number. The measuring is in [`crate::client`]; nothing here touches a socket.
+//! every number. The measuring is in [`crate::lab::client`]; nothing here touches a socket.
 
 use serde::Serialize;
 
-use crate::client::BenchResult;
+use crate::lab::client::BenchResult;
 
 /// Output formats for `ringlab bench`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use crate::backend::{BackendConfig, ListenerStats};
-use crate::http::{self, HeadError, Kind, Reply, Responses};
-use crate::shutdown::{self, Shutdown};
+use crate::io::shutdown::{self, Shutdown};
+use crate::serve::backend::{BackendConfig, ListenerStats};
+use crate::serve::http::{self, HeadError, Kind, Reply, Responses};
 
 /// Responses for the current second, shared by all connection threads. Rebuilt by whichever
 /// thread first notices the second changed, so no thread formats a date per request.

@@ -1,0 +1,10 @@
+//! What measures and records: the load generator and its printing, the in-process topology, the
+//! sweep, the results folder with its chart, and the machine facts every result carries.
+
+pub mod chart;
+pub mod client;
+pub mod machine;
+pub mod report;
+pub mod results;
+pub mod sweep;
+pub mod topology;
