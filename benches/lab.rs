@@ -1,13 +1,15 @@
-//! `cargo bench`: the end-to-end regression guard. Starts the lab in-process on free ports, with
-//! the default placement, and measures balancer, direct and threaded at low and high concurrency
-//! (new connection per request), repeated and interleaved; prints median req/s, p99 and the
-//! balancer's ratio to each direct server. Ratios measured in the same run are what to compare
-//! across commits: absolute numbers move with whatever else the machine is doing.
+//! `cargo bench`: the end-to-end regression guard. Starts the lab in-process on free ports, once
+//! per socket driver (io_uring and epoll, side by side), with the default placement, and measures
+//! balancer, direct and threaded at low and high concurrency (new connection per request),
+//! repeated and interleaved; prints median req/s, p99, the io_uring/epoll ratio of each server
+//! and the balancer's ratio to the threaded server. Ratios measured in the same run are what to
+//! compare across commits: absolute numbers move with whatever else the machine is doing.
 //!
 //! Environment: RINGLAB_BENCH_REQUESTS (default 20000 per cell), RINGLAB_BENCH_REPEAT (3).
 
 use std::time::Duration;
 
+use ringlab::io::driver::IoMode;
 use ringlab::io::shutdown::Shutdown;
 use ringlab::lab::sweep::{self, SweepConfig};
 use ringlab::lab::topology::{Placement, Ports};
@@ -45,6 +47,7 @@ fn main() {
         timeout: Duration::from_secs(10),
         note: None,
         stop: Shutdown::new(),
+        io: vec![IoMode::Uring, IoMode::Epoll],
     };
     println!(
         "ringlab e2e bench: {requests} requests per cell, median of {repeat}; {}",
@@ -52,21 +55,25 @@ fn main() {
     );
     let sweep = sweep::run(&config).expect("sweep");
     println!(
-        "{:>4} {:>10} {:>10} {:>10} {:>9} {:>9} {:>9} {:>11} {:>13}",
+        "{:>4} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>9} {:>8} {:>8} {:>12}",
         "c",
-        "lb req/s",
-        "direct",
+        "lb uring",
+        "lb epoll",
+        "ratio",
+        "dir uring",
+        "dir epoll",
+        "ratio",
         "threaded",
         "lb p99us",
         "dir p99",
-        "thr p99",
-        "lb/direct",
         "lb/threaded"
     );
     for &c in &sweep.concurrency {
         let get = |t: &str| sweep.cell(t, c).expect("cell").median_run().clone();
-        let (lb, direct, threaded) = (get("lb"), get("direct"), get("threaded"));
-        for r in [&lb, &direct, &threaded] {
+        let (lbu, lbe) = (get("lb-uring"), get("lb-epoll"));
+        let (du, de) = (get("direct-uring"), get("direct-epoll"));
+        let threaded = get("threaded");
+        for r in [&lbu, &lbe, &du, &de, &threaded] {
             assert_eq!(
                 r.failed.total(),
                 0,
@@ -74,16 +81,19 @@ fn main() {
                 r.target.url()
             );
         }
+        let rate = |r: &ringlab::lab::client::BenchResult| r.requests_per_sec();
         println!(
-            "{c:>4} {:>10.0} {:>10.0} {:>10.0} {:>9} {:>9} {:>9} {:>10.2}x {:>12.2}x",
-            lb.requests_per_sec(),
-            direct.requests_per_sec(),
-            threaded.requests_per_sec(),
-            lb.latency_us.p99,
-            direct.latency_us.p99,
-            threaded.latency_us.p99,
-            lb.requests_per_sec() / direct.requests_per_sec(),
-            lb.requests_per_sec() / threaded.requests_per_sec(),
+            "{c:>4} {:>9.0} {:>9.0} {:>6.2}x {:>9.0} {:>9.0} {:>6.2}x {:>9.0} {:>8} {:>8} {:>11.2}x",
+            rate(&lbu),
+            rate(&lbe),
+            rate(&lbu) / rate(&lbe),
+            rate(&du),
+            rate(&de),
+            rate(&du) / rate(&de),
+            rate(&threaded),
+            lbu.latency_us.p99,
+            du.latency_us.p99,
+            rate(&lbu) / rate(&threaded),
         );
     }
 }

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::io::driver::IoMode;
 use crate::lab::report::Format;
 
 /// ringlab — the networking performance lab on pinned glommio executors.
@@ -45,6 +46,10 @@ pub struct BackendArgs {
     /// CPU to pin the executor to [default: the last CPU this process may use].
     #[arg(long, value_name = "N")]
     pub cpu: Option<usize>,
+    /// Socket driver: io_uring (a ring per executor, SINGLE_ISSUER|DEFER_TASKRUN where the
+    /// kernel has them) or epoll (non-blocking system calls).
+    #[arg(long, value_enum, value_name = "DRIVER", default_value_t = IoMode::Uring)]
+    pub io: IoMode,
     /// Request-head options shared with `threaded`.
     #[command(flatten)]
     pub http: HttpArgs,
@@ -86,6 +91,10 @@ pub struct LbArgs {
     /// [default: the first CPU this process may use].
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
     pub cpus: Option<CpuList>,
+    /// Socket driver: io_uring (a ring per executor, SINGLE_ISSUER|DEFER_TASKRUN where the
+    /// kernel has them) or epoll (non-blocking system calls).
+    #[arg(long, value_enum, value_name = "DRIVER", default_value_t = IoMode::Uring)]
+    pub io: IoMode,
     /// How long to wait for a backend's connect before trying the next one.
     #[arg(long, value_name = "DURATION", default_value = "1s", value_parser = parse_duration)]
     pub connect_timeout: Duration,
@@ -168,6 +177,10 @@ pub struct BenchArgs {
     /// CPUs for the client's executors, one each, e.g. 0 or 0,1 [default: the first CPU].
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
     pub cpus: Option<CpuList>,
+    /// Socket driver: io_uring (a ring per executor, SINGLE_ISSUER|DEFER_TASKRUN where the
+    /// kernel has them) or epoll (non-blocking system calls).
+    #[arg(long, value_enum, value_name = "DRIVER", default_value_t = IoMode::Uring)]
+    pub io: IoMode,
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
@@ -227,6 +240,17 @@ pub struct SweepArgs {
     /// Connect and response timeout per request.
     #[arg(short = 's', long = "timeout", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Socket drivers to measure, e.g. uring or uring,epoll: the lab is started once per
+    /// driver and their targets are measured side by side (the summary gives the ratio). The
+    /// client runs on the first.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "uring"
+    )]
+    pub io: Vec<IoMode>,
 }
 
 /// Parses a whole number that must be at least `MIN`; clap reports a refusal as a usage error

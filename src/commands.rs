@@ -6,6 +6,7 @@ use std::io;
 use crate::cli::{
     self, BackendArgs, BenchArgs, Command, HttpArgs, LbArgs, SweepArgs, ThreadedArgs,
 };
+use crate::io::driver::IoMode;
 use crate::io::limits;
 use crate::io::listen;
 use crate::io::placement;
@@ -62,6 +63,7 @@ fn run_bench(args: BenchArgs, shutdown: Shutdown) -> io::Result<()> {
         time_limit: args.time_limit,
         timeout: args.timeout,
         cpus: cpus.into_iter().map(Some).collect(),
+        io: args.io,
         stop: Some(shutdown),
     })?;
     print!("{}", report::render(&result, args.format));
@@ -102,6 +104,7 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
             addr: *addr,
             description: "given with --target".into(),
             client_cpus: place.client.clone(),
+            io: None,
         })
         .collect();
     let config = SweepConfig {
@@ -116,6 +119,7 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
         timeout: args.timeout,
         note: args.note,
         stop: shutdown,
+        io: args.io,
     };
     let label = args
         .label
@@ -187,7 +191,7 @@ impl sweep::Record for ResultsFolder {
     }
 }
 
-fn http_config(args: &HttpArgs) -> BackendConfig {
+fn http_config(args: &HttpArgs, io: IoMode) -> BackendConfig {
     BackendConfig {
         max_head: args.max_head,
         head_timeout: args.head_timeout,
@@ -195,6 +199,7 @@ fn http_config(args: &HttpArgs) -> BackendConfig {
         max_conns: args
             .max_conns
             .unwrap_or_else(|| limits::default_max_conns(1)),
+        io,
     }
 }
 
@@ -209,10 +214,17 @@ fn run_backend(args: BackendArgs, shutdown: Shutdown) -> io::Result<()> {
         .iter()
         .map(|l| l.local_addr().map(|a| a.to_string()))
         .collect::<io::Result<Vec<_>>>()?;
-    let executor = backend::spawn(listeners, Some(cpu), http_config(&args.http), shutdown)?;
+    let executor = backend::spawn(
+        listeners,
+        Some(cpu),
+        http_config(&args.http, args.io),
+        shutdown,
+    )?;
     println!(
-        "ringlab backend: serving {} on CPU {cpu} (one glommio executor); Ctrl-C to stop",
-        addrs.join(", ")
+        "ringlab backend: serving {} on CPU {cpu} (one glommio executor; sockets on {}); Ctrl-C \
+         to stop",
+        addrs.join(", "),
+        executor.driver
     );
     let stats = executor.join()??;
     print_listener_stats("backend", &stats);
@@ -225,7 +237,11 @@ fn run_threaded(args: ThreadedArgs, shutdown: Shutdown) -> io::Result<()> {
         "ringlab threaded: serving {} with one OS thread per connection (unpinned); Ctrl-C to stop",
         listener.local_addr()?
     );
-    let stats = threaded::serve(listener, http_config(&args.http), shutdown)?;
+    let stats = threaded::serve(
+        listener,
+        http_config(&args.http, IoMode::default()),
+        shutdown,
+    )?;
     print_listener_stats("threaded", &[stats]);
     Ok(())
 }
@@ -258,16 +274,18 @@ fn run_lb(args: LbArgs, shutdown: Shutdown) -> io::Result<()> {
         max_conns: args
             .max_conns
             .unwrap_or_else(|| limits::default_max_conns(2 * cpus.len() as u64)),
+        io: args.io,
     };
     let placements: Vec<Option<usize>> = cpus.iter().copied().map(Some).collect();
     let executors = balancer::spawn(listeners, &placements, config.clone(), shutdown)?;
     let backends: Vec<String> = args.backends.iter().map(|a| a.to_string()).collect();
     println!(
-        "ringlab lb: {local} -> [{}] round robin; {} executor(s) on CPU {}; up to {} connections \
-         each; replay unanswered: {}; Ctrl-C to stop",
+        "ringlab lb: {local} -> [{}] round robin; {} executor(s) on CPU {}, sockets on {}; up to \
+         {} connections each; replay unanswered: {}; Ctrl-C to stop",
         backends.join(", "),
         cpus.len(),
         placement::format_cpus(&cpus),
+        executors.first().map_or("-", |e| e.driver.as_str()),
         config.max_conns,
         if config.retry_unanswered.is_some() {
             "on"

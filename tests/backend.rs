@@ -1,5 +1,6 @@
 //! The glommio backend and the threaded server, driven over real sockets.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
@@ -26,13 +27,14 @@ fn assert_lab_response(resp: &[u8], id: &str) {
     assert_eq!(&date[..16], std::str::from_utf8(&now[..16]).unwrap());
 }
 
-#[test]
+both_drivers! {
 fn backend_sends_the_lab_bytes() {
     let b = backend(1);
     assert_lab_response(&get(b.addr()), &id_of(b.addr()));
 }
+}
 
-#[test]
+both_drivers! {
 fn threaded_sends_the_same_bytes() {
     let listener = ringlab::io::listen::bind_one("127.0.0.1:0".parse().unwrap()).unwrap();
     let addr = listener.local_addr().unwrap();
@@ -48,6 +50,7 @@ fn threaded_sends_the_same_bytes() {
     let stats = server.join().unwrap();
     assert_eq!(stats.ok, 4);
     assert_eq!(stats.connections, 2);
+}
 }
 
 /// Sends `n` HTTP/1.1 requests on one connection; returns how many 200s came back on it.
@@ -78,7 +81,7 @@ fn keep_alive_round_trips(addr: std::net::SocketAddr, n: usize) -> usize {
     ok
 }
 
-#[test]
+both_drivers! {
 fn keep_alive_serves_several_requests_on_one_connection() {
     let b = backend(1);
     assert_eq!(keep_alive_round_trips(b.addr(), 5), 5);
@@ -86,8 +89,9 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     assert_eq!(stats[0][0].connections, 1);
     assert_eq!(stats[0][0].ok, 5);
 }
+}
 
-#[test]
+both_drivers! {
 fn pipelined_requests_are_answered_in_order() {
     let b = backend(1);
     let resp = exchange(
@@ -100,8 +104,9 @@ fn pipelined_requests_are_answered_in_order() {
     let order: Vec<_> = text.split("HTTP/1.1 ").skip(1).map(|r| &r[..3]).collect();
     assert_eq!(order, ["200", "404", "200"]);
 }
+}
 
-#[test]
+both_drivers! {
 fn keep_alive_http_1_0_as_ab_k_sends_it() {
     let b = backend(1);
     let mut s = TcpStream::connect(b.addr()).unwrap();
@@ -114,8 +119,9 @@ fn keep_alive_http_1_0_as_ab_k_sends_it() {
         assert!(String::from_utf8_lossy(&resp).contains("Connection: keep-alive"));
     }
 }
+}
 
-#[test]
+both_drivers! {
 fn malformed_request_line_gets_400_and_close() {
     let b = backend(1);
     for bad in [
@@ -137,8 +143,9 @@ fn malformed_request_line_gets_400_and_close() {
     let stats = b.stop();
     assert_eq!(stats[0][0].refused, 4);
 }
+}
 
-#[test]
+both_drivers! {
 fn oversize_head_gets_431_and_close() {
     let b = backend_with(
         1,
@@ -158,8 +165,9 @@ fn oversize_head_gets_431_and_close() {
     );
     assert_eq!(get(b.addr()).len(), 122);
 }
+}
 
-#[test]
+both_drivers! {
 fn slow_partial_head_gets_408_after_the_head_timeout() {
     let b = backend_with(
         1,
@@ -175,8 +183,9 @@ fn slow_partial_head_gets_408_after_the_head_timeout() {
     assert!(waited >= Duration::from_millis(250), "{waited:?}");
     assert!(waited < Duration::from_secs(5), "{waited:?}");
 }
+}
 
-#[test]
+both_drivers! {
 fn unknown_path_is_404_and_post_is_405() {
     let b = backend(1);
     let resp = exchange(b.addr(), b"GET /missing HTTP/1.0\r\n\r\n");
@@ -185,24 +194,27 @@ fn unknown_path_is_404_and_post_is_405() {
     assert!(resp.starts_with(b"HTTP/1.1 405 Method Not Allowed\r\n"));
     assert!(String::from_utf8_lossy(&resp).contains("Allow: GET, HEAD\r\n"));
 }
+}
 
-#[test]
+both_drivers! {
 fn head_request_gets_headers_only() {
     let b = backend(1);
     let resp = exchange(b.addr(), b"HEAD / HTTP/1.0\r\n\r\n");
     assert!(resp.starts_with(b"HTTP/1.1 200 OK\r\n"));
     assert!(resp.ends_with(b"Content-Length: 5\r\nConnection: close\r\n\r\n"));
 }
+}
 
-#[test]
+both_drivers! {
 fn one_executor_serves_several_listeners_with_their_own_ids() {
     let b = backend(3);
     for &addr in &b.addrs {
         assert_eq!(server_of(&get(addr)), id_of(addr));
     }
 }
+}
 
-#[test]
+both_drivers! {
 fn graceful_stop_finishes_a_request_in_progress() {
     let b = backend(1);
     let mut s = TcpStream::connect(b.addr()).unwrap();
@@ -219,8 +231,9 @@ fn graceful_stop_finishes_a_request_in_progress() {
     let stats = b.stop();
     assert_eq!(stats[0][0].ok, 1);
 }
+}
 
-#[test]
+both_drivers! {
 fn curl_gets_200_and_404() {
     require("curl", "curl");
     let b = backend(1);
@@ -235,10 +248,11 @@ fn curl_gets_200_and_404() {
     assert_eq!(status("/"), "200");
     assert_eq!(status("/nope"), "404");
 }
+}
 
+both_drivers! {
 /// A response that closes the connection carries the FIN in its last segment: the client
 /// receives SYN-ACK, the ACK of its request and one data+FIN segment, not a fourth for the FIN.
-#[test]
 fn closing_response_and_fin_arrive_in_one_segment() {
     let server = common::backend(1);
     for _ in 0..3 {
@@ -250,4 +264,5 @@ fn closing_response_and_fin_arrive_in_one_segment() {
             "{segments} segments received, expected at most 3"
         );
     }
+}
 }

@@ -1,5 +1,6 @@
 //! The round-robin balancer, driven over real sockets against real backends.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
@@ -9,7 +10,7 @@ use std::time::Duration;
 use common::*;
 use ringlab::serve::balancer::BalancerConfig;
 
-#[test]
+both_drivers! {
 fn rotation_over_four_backends_is_exact() {
     let b = backend(4);
     let lb = balancer(&b.addrs);
@@ -17,8 +18,9 @@ fn rotation_over_four_backends_is_exact() {
     let expected: Vec<String> = [0, 1, 2, 3, 0].iter().map(|&i| id_of(b.addrs[i])).collect();
     assert_eq!(order, expected);
 }
+}
 
-#[test]
+both_drivers! {
 fn a_stopped_backend_is_skipped_without_failing_a_request() {
     // Four single-listener backends, so one can be stopped alone.
     let mut backends: Vec<_> = (0..4).map(|_| backend(1)).collect();
@@ -42,8 +44,9 @@ fn a_stopped_backend_is_skipped_without_failing_a_request() {
     assert_eq!(report.backends[1].connect_failures, 3);
     assert_eq!(report.unserved, 0);
 }
+}
 
-#[test]
+both_drivers! {
 fn with_every_backend_down_the_client_is_closed_at_once() {
     let dead: Vec<SocketAddr> = (0..2)
         .map(|_| {
@@ -66,6 +69,7 @@ fn with_every_backend_down_the_client_is_closed_at_once() {
     let report = &lb.stop()[0];
     assert_eq!(report.unserved, 1);
 }
+}
 
 /// A plain echo server: returns every byte it reads, then half-closes when the client does.
 fn echo_server() -> (SocketAddr, std::thread::JoinHandle<()>) {
@@ -86,7 +90,7 @@ fn echo_server() -> (SocketAddr, std::thread::JoinHandle<()>) {
     (addr, handle)
 }
 
-#[test]
+both_drivers! {
 fn megabytes_both_ways_arrive_byte_identical() {
     let (echo, server) = echo_server();
     let lb = balancer(&[echo]);
@@ -121,8 +125,9 @@ fn megabytes_both_ways_arrive_byte_identical() {
     assert_eq!(report.backends[0].bytes_up, payload.len() as u64);
     assert_eq!(report.backends[0].bytes_down, payload.len() as u64);
 }
+}
 
-#[test]
+both_drivers! {
 fn idle_pairs_are_closed_by_the_idle_timeout() {
     let (echo, _server) = echo_server();
     let mut config = BalancerConfig::new(vec![echo]);
@@ -144,8 +149,9 @@ fn idle_pairs_are_closed_by_the_idle_timeout() {
     assert!(waited < Duration::from_secs(4), "{waited:?}");
     assert_eq!(lb.stop()[0].idle_closed, 1);
 }
+}
 
-#[test]
+both_drivers! {
 fn two_executors_share_the_port_and_count_accepts_per_core() {
     let b = backend(4);
     let lb = balancer_with(BalancerConfig::new(b.addrs.clone()), 2);
@@ -156,8 +162,9 @@ fn two_executors_share_the_port_and_count_accepts_per_core() {
     assert_eq!(reports.len(), 2);
     assert_eq!(reports.iter().map(|r| r.accepted).sum::<u64>(), 200);
 }
+}
 
-#[test]
+both_drivers! {
 fn ab_through_the_balancer_moves_the_labs_bytes() {
     require("ab", "apache2-utils");
     let b = backend(4);
@@ -184,10 +191,11 @@ fn ab_through_the_balancer_moves_the_labs_bytes() {
     let per_backend: Vec<u64> = b.stop()[0].iter().map(|s| s.ok).collect();
     assert_eq!(per_backend, [250, 250, 250, 250]);
 }
+}
 
+both_drivers! {
 /// When a backend answers and closes, the balancer passes the answer and the end-of-file on
 /// together: the client receives SYN-ACK, the ACK of its request and one data+FIN segment.
-#[test]
 fn answer_and_fin_are_relayed_in_one_segment() {
     let be = backend(1);
     let lb = balancer(&[be.addr()]);
@@ -200,12 +208,13 @@ fn answer_and_fin_are_relayed_in_one_segment() {
         );
     }
 }
+}
 
+both_drivers! {
 /// A wildcard listener whose backend turns out to be itself (an address the start-up check
 /// could not know about, stood in for here by calling `serve` without that check): the loop is
 /// seen on the first connection that arrives from the balancer, refused, and the backend leaves
 /// the rotation, instead of each connection making another until the cap.
-#[test]
 fn a_connection_from_the_balancer_itself_is_refused_at_run_time() {
     let listener = ringlab::io::listen::bind_one("0.0.0.0:0".parse().unwrap()).unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -219,7 +228,7 @@ fn a_connection_from_the_balancer_itself_is_refused_at_run_time() {
         false,
     ));
     let stop = shutdown.clone();
-    let ex = ringlab::io::placement::spawn_pinned("lb-loop", None, move || {
+    let ex = ringlab::io::placement::spawn_pinned("lb-loop", None, driver(), move || {
         ringlab::serve::balancer::serve(listener, config, health, false, stop)
     })
     .unwrap();
@@ -237,10 +246,11 @@ fn a_connection_from_the_balancer_itself_is_refused_at_run_time() {
     // Three clients, each with at most a loop connection or two, not thousands.
     assert!(report.accepted <= 9, "{report:?}");
 }
+}
 
+both_drivers! {
 /// Pairs still open when the drain deadline passes are reset, not closed: a client in the middle
 /// of an answer must not read a clean end.
-#[test]
 fn pairs_still_open_at_the_drain_deadline_are_reset() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let stalled = listener.local_addr().unwrap();
@@ -269,4 +279,5 @@ fn pairs_still_open_at_the_drain_deadline_are_reset() {
         Err(std::io::ErrorKind::ConnectionReset)
     );
     assert!(lb.stop()[0].idle_closed >= 1);
+}
 }

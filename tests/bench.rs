@@ -1,5 +1,6 @@
 //! The built-in client (`ringlab bench`) against real servers, checked against real ab.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
@@ -55,7 +56,7 @@ fn breakdown(r: &BenchResult) -> String {
     )
 }
 
-#[test]
+both_drivers! {
 fn counts_bytes_and_backends_exactly() {
     let b = backend(4);
     let lb = balancer(&b.addrs);
@@ -72,8 +73,9 @@ fn counts_bytes_and_backends_exactly() {
     assert!(r.latency_us.p99 <= r.latency_us.max);
     assert!(r.requests_per_sec() > 0.0);
 }
+}
 
-#[test]
+both_drivers! {
 fn agrees_with_ab_on_the_same_target() {
     let b = backend(1);
     let url = format!("http://{}/", b.addr());
@@ -84,8 +86,9 @@ fn agrees_with_ab_on_the_same_target() {
         (complete, failed, total)
     );
 }
+}
 
-#[test]
+both_drivers! {
 fn keep_alive_reuses_connections_like_ab_k() {
     let b = backend(1);
     let url = format!("http://{}/", b.addr());
@@ -102,6 +105,7 @@ fn keep_alive_reuses_connections_like_ab_k() {
     let stats = b.stop();
     // 200 requests over two connections (ab's two plus ours).
     assert_eq!(stats[0][0].connections, 4);
+}
 }
 
 /// A server whose response bodies alternate between 5 and 10 bytes, and which closes every
@@ -139,7 +143,7 @@ fn flaky_server(connections: usize) -> (SocketAddr, std::thread::JoinHandle<()>)
     (addr, handle)
 }
 
-#[test]
+both_drivers! {
 fn length_failures_are_classified_as_ab_does() {
     let n = 30;
     let (addr, server) = flaky_server(n);
@@ -157,8 +161,9 @@ fn length_failures_are_classified_as_ab_does() {
         (complete, failed, total, ab_breakdown)
     );
 }
+}
 
-#[test]
+both_drivers! {
 fn a_reset_is_a_receive_failure() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -183,8 +188,9 @@ fn a_reset_is_a_receive_failure() {
     assert_eq!(r.complete, 4);
     assert_eq!(r.failed.receive, 3, "{:?}", r.failed);
 }
+}
 
-#[test]
+both_drivers! {
 fn non_2xx_responses_are_counted_not_failed() {
     let b = backend(1);
     let mut cfg = bench_config(b.addr(), 20, 2);
@@ -193,8 +199,9 @@ fn non_2xx_responses_are_counted_not_failed() {
     assert_eq!(r.non_2xx, 20);
     assert_eq!(r.failed.total(), 0);
 }
+}
 
-#[test]
+both_drivers! {
 fn a_dead_target_is_an_error_not_a_table_of_zeros() {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -205,8 +212,9 @@ fn a_dead_target_is_an_error_not_a_table_of_zeros() {
     assert!(msg.contains("did not answer"), "{msg}");
     assert!(msg.contains("refused"), "{msg}");
 }
+}
 
-#[test]
+both_drivers! {
 fn the_time_limit_stops_the_run() {
     let b = backend(1);
     let mut cfg = bench_config(b.addr(), u64::MAX, 2);
@@ -217,16 +225,18 @@ fn the_time_limit_stops_the_run() {
     assert!(r.complete > 0);
     assert_eq!(r.failed.total(), 0);
 }
+}
 
 fn ringlab() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ringlab"))
 }
 
-#[test]
+both_drivers! {
 fn json_output_carries_every_number() {
     let b = backend(1);
     let out = ringlab()
         .args(["bench", "-n", "50", "-c", "2", "--format", "json"])
+        .args(io_flag())
         .arg(format!("http://{}/", b.addr()))
         .output()
         .unwrap();
@@ -261,13 +271,15 @@ fn json_output_carries_every_number() {
         }
     }
 }
+}
 
-#[test]
+both_drivers! {
 fn text_and_markdown_read_like_the_lab() {
     let b = backend(1);
     let url = format!("http://{}/", b.addr());
     let text = ringlab()
         .args(["bench", "-n", "20", &url])
+        .args(io_flag())
         .output()
         .unwrap();
     let text = String::from_utf8(text.stdout).unwrap();
@@ -282,6 +294,7 @@ fn text_and_markdown_read_like_the_lab() {
     }
     let md = ringlab()
         .args(["bench", "-n", "20", "--format", "markdown", &url])
+        .args(io_flag())
         .output()
         .unwrap();
     let md = String::from_utf8(md.stdout).unwrap();
@@ -289,8 +302,9 @@ fn text_and_markdown_read_like_the_lab() {
     assert!(md.contains("| 1 | 1 | "));
     assert!(md.contains("| 20 | 0 | 2440 bytes |"));
 }
+}
 
-#[test]
+both_drivers! {
 fn the_cli_fails_cleanly_on_a_dead_target_and_a_bad_url() {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -307,4 +321,5 @@ fn the_cli_fails_cleanly_on_a_dead_target_and_a_bad_url() {
     let out = ringlab().args(["bench", "ftp://x/"]).output().unwrap();
     assert_ne!(out.status.code(), Some(0));
     assert!(String::from_utf8(out.stderr).unwrap().contains("http://"));
+}
 }

@@ -2,6 +2,7 @@
 //! each named for the behaviour it guards. They drive the real `ringlab` binary against small
 //! stand-ins that misbehave on purpose, so each also runs against an older build.
 
+#[macro_use]
 mod common;
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -32,6 +33,7 @@ impl Drop for Proc {
 fn lb(args: &[&str]) -> (Proc, SocketAddr) {
     let mut child = ringlab()
         .args(["lb", "--listen", "127.0.0.1:0"])
+        .args(io_flag())
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -86,7 +88,7 @@ fn read_until_end(s: &mut TcpStream) -> (Vec<u8>, bool) {
     }
 }
 
-#[test]
+both_drivers! {
 fn a_backend_reset_after_a_partial_response_reaches_the_client_as_a_reset() {
     // f31ec7c: the balancer passed the reset on as a clean close, so curl exited 0 and bench
     // counted a cut-off response as complete.
@@ -119,8 +121,9 @@ fn a_backend_reset_after_a_partial_response_reaches_the_client_as_a_reset() {
     assert_eq!(r.complete, 20);
     assert_eq!(r.failed.receive, 10, "{:?}", r.failed);
 }
+}
 
-#[test]
+both_drivers! {
 fn a_client_reset_reaches_the_backend_as_a_reset() {
     // f31ec7c: the balancer shut both sides down, so the backend read a clean end.
     let (tx, rx) = mpsc::channel();
@@ -146,6 +149,7 @@ fn a_client_reset_reaches_the_backend_as_a_reset() {
     drop(client);
     assert_eq!(rx.recv_timeout(Duration::from_secs(15)).unwrap(), "reset");
 }
+}
 
 /// Sends a request head of `size` bytes (from a second thread, as a client streaming a huge head
 /// does) and returns the start of what came back and whether it ended in a reset.
@@ -166,7 +170,7 @@ fn huge_head(addr: SocketAddr, size: usize) -> (String, bool) {
     )
 }
 
-#[test]
+both_drivers! {
 fn a_refused_huge_head_reaches_the_client_through_the_balancer() {
     // f31ec7c: directly the client got its 431, through the balancer no byte at all: the
     // backend's close with the head unread reset the balancer, which closed the client at once.
@@ -179,8 +183,9 @@ fn a_refused_huge_head_reaches_the_client_through_the_balancer() {
         }
     }
 }
+}
 
-#[test]
+both_drivers! {
 fn a_half_closed_pair_is_reset_after_the_fin_timeout() {
     // f31ec7c: a pair whose backend had finished stayed until the client closed or the 60 s
     // idle timeout passed, so silent clients could hold the balancer's descriptors.
@@ -209,8 +214,9 @@ fn a_half_closed_pair_is_reset_after_the_fin_timeout() {
     );
     drop(silent);
 }
+}
 
-#[test]
+both_drivers! {
 fn a_stalled_response_cut_by_the_idle_timeout_is_a_reset_not_an_end() {
     // f31ec7c: the idle timeout shut both sides down with a FIN, so a client reading to the end
     // took the cut-off response for a complete one.
@@ -227,6 +233,7 @@ fn a_stalled_response_cut_by_the_idle_timeout_is_a_reset_not_an_end() {
     let (got, was_reset) = read_until_end(&mut s);
     assert!(got.ends_with(b"the first half"));
     assert!(was_reset, "a cut-off response ended like a complete one");
+}
 }
 
 #[test]
@@ -300,7 +307,7 @@ fn usage_errors_exit_2_and_touch_no_disk() {
     }
 }
 
-#[test]
+both_drivers! {
 fn keep_alive_responses_are_counted_as_ab_counts_them() {
     // f31ec7c: bench reported n − c (requests on a reused connection); ab counts every response
     // that kept its connection open.
@@ -321,6 +328,7 @@ fn keep_alive_responses_are_counted_as_ab_counts_them() {
         .unwrap();
     let ours = ringlab()
         .args(["bench", "-k", "-n", "600", "-c", "5", &url])
+        .args(io_flag())
         .output()
         .unwrap();
     let ab = keep_alive(&String::from_utf8_lossy(&ab.stdout));
@@ -328,8 +336,9 @@ fn keep_alive_responses_are_counted_as_ab_counts_them() {
     assert_eq!(ab, 600);
     assert_eq!(ours, ab);
 }
+}
 
-#[test]
+both_drivers! {
 fn an_interrupted_bench_stops_at_once_and_says_so() {
     // f31ec7c: the first Ctrl-C against a silent server waited out the 30 s timeout, then
     // printed partial numbers with no mark and exited 0.
@@ -362,6 +371,7 @@ fn an_interrupted_bench_stops_at_once_and_says_so() {
         }
     }
 }
+}
 
 /// `git describe` of this checkout, as `build.rs` takes it.
 fn own_revision() -> String {
@@ -379,7 +389,7 @@ fn own_revision() -> String {
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
-#[test]
+both_drivers! {
 fn results_record_ringlabs_own_revision_wherever_it_runs() {
     // f31ec7c: the sweep recorded the revision of the directory it ran in.
     let b = backend(1);
@@ -401,7 +411,8 @@ fn results_record_ringlabs_own_revision_wherever_it_runs() {
     let out = ringlab()
         .current_dir(elsewhere.path())
         .args([
-            "sweep", "-n", "10", "-c", "1", "--repeat", "1", "--warmup", "0",
+            "sweep", "-n", "10", "-c", "1", "--repeat", "1", "--warmup", "0", "--io",
+            &driver().to_string(),
         ])
         .arg("--target")
         .arg(format!("one={}", b.addr()))
@@ -426,6 +437,7 @@ fn results_record_ringlabs_own_revision_wherever_it_runs() {
         "want {rev} in\n{readme}"
     );
 }
+}
 
 /// Waits until `dir` holds a folder with a `sweep.json` that lists at least one cell.
 fn wait_for_first_cell(dir: &Path) -> PathBuf {
@@ -447,7 +459,17 @@ fn sweep_child(target: SocketAddr, out: &Path, tmp: &Path) -> Child {
     ringlab()
         .env("TMPDIR", tmp)
         .args([
-            "sweep", "-n", "3000", "-c", "1-4", "--repeat", "3", "--warmup", "0",
+            "sweep",
+            "-n",
+            "3000",
+            "-c",
+            "1-4",
+            "--repeat",
+            "3",
+            "--warmup",
+            "0",
+            "--io",
+            &driver().to_string(),
         ])
         .arg("--target")
         .arg(format!("one={target}"))
@@ -459,7 +481,7 @@ fn sweep_child(target: SocketAddr, out: &Path, tmp: &Path) -> Child {
         .unwrap()
 }
 
-#[test]
+both_drivers! {
 fn an_unwritable_results_folder_loses_no_measurement() {
     // f31ec7c: made unwritable mid-run, the sweep exited 1 with nothing on stdout, and every
     // measurement was lost.
@@ -480,8 +502,9 @@ fn an_unwritable_results_folder_loses_no_measurement() {
     assert_eq!(json["status"]["state"], "complete");
     assert_eq!(json["cells"].as_array().unwrap().len(), 4);
 }
+}
 
-#[test]
+both_drivers! {
 fn an_interrupted_sweep_keeps_what_it_measured() {
     // f31ec7c: Ctrl-C threw away every cell already measured.
     let b = backend(1);
@@ -500,8 +523,9 @@ fn an_interrupted_sweep_keeps_what_it_measured() {
     let readme = std::fs::read_to_string(folder.join("README.md")).unwrap();
     assert!(readme.contains("**Partial: interrupted"), "{readme}");
 }
+}
 
-#[test]
+both_drivers! {
 fn urls_as_curl_takes_them_scheme_case_credentials_and_spaces() {
     // f31ec7c: HTTP:// was refused, user:pw@host failed to resolve, and a space went out raw
     // (the server answered 400).
@@ -520,6 +544,7 @@ fn urls_as_curl_takes_them_scheme_case_credentials_and_spaces() {
     });
     let out = ringlab()
         .args(["bench", "-n", "1"])
+        .args(io_flag())
         .arg(format!(
             "HTTP://user:p%40ss@127.0.0.1:{}/a b?x=1",
             capture.port()
@@ -538,4 +563,5 @@ fn urls_as_curl_takes_them_scheme_case_credentials_and_spaces() {
         head.contains("\r\nAuthorization: Basic dXNlcjpwQHNz\r\n"),
         "{head}"
     );
+}
 }

@@ -1,6 +1,7 @@
 //! Bad days, at small scale: backends that die, come back or never answer; clients that are
 //! slow, hostile or too many; stops under load. The heavy versions live in scripts/.
 
+#[macro_use]
 mod common;
 
 use std::io::{Read, Write};
@@ -28,7 +29,7 @@ fn backend_at(addr: SocketAddr) -> Running<Vec<ringlab::serve::backend::Listener
     common::running(vec![addr], shutdown, vec![ex])
 }
 
-#[test]
+both_drivers! {
 fn a_restarted_backend_comes_back_into_rotation() {
     let mut backends: Vec<_> = (0..2).map(|_| backend(1)).collect();
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr()).collect();
@@ -45,8 +46,9 @@ fn a_restarted_backend_comes_back_into_rotation() {
     let from_restarted = answered.iter().filter(|s| **s == id_of(addrs[1])).count();
     assert!(from_restarted >= 9, "{answered:?}");
 }
+}
 
-#[test]
+both_drivers! {
 fn the_active_probe_takes_a_dead_backend_out_before_any_client_meets_it() {
     let mut backends: Vec<_> = (0..2).map(|_| backend(1)).collect();
     let addrs: Vec<SocketAddr> = backends.iter().map(|b| b.addr()).collect();
@@ -63,6 +65,7 @@ fn the_active_probe_takes_a_dead_backend_out_before_any_client_meets_it() {
     let report = &lb.stop()[0];
     assert_eq!(report.backends[1].connect_failures, 0, "{report:?}");
     assert_eq!(report.backends[0].connections, 10);
+}
 }
 
 /// A backend that takes connections and closes them without a byte, as a crashing server does.
@@ -93,7 +96,7 @@ fn black_hole() -> (SocketAddr, Arc<AtomicBool>) {
     (addr, stop)
 }
 
-#[test]
+both_drivers! {
 fn retry_unanswered_replays_the_request_to_the_next_backend() {
     let good = backend(1);
     let (hole, stop) = black_hole();
@@ -111,8 +114,9 @@ fn retry_unanswered_replays_the_request_to_the_next_backend() {
     assert_eq!(report.backends[0].unanswered, 10);
     stop.store(true, Ordering::Relaxed);
 }
+}
 
-#[test]
+both_drivers! {
 fn without_retry_an_unanswered_request_fails_and_nothing_is_replayed() {
     let good = backend(1);
     let (hole, stop) = black_hole();
@@ -131,8 +135,9 @@ fn without_retry_an_unanswered_request_fails_and_nothing_is_replayed() {
     assert_eq!(lb.stop()[0].retried, 0);
     stop.store(true, Ordering::Relaxed);
 }
+}
 
-#[test]
+both_drivers! {
 fn a_request_larger_than_the_retry_buffer_is_not_replayed() {
     let good = backend(1);
     let (hole, stop) = black_hole();
@@ -157,8 +162,9 @@ fn a_request_larger_than_the_retry_buffer_is_not_replayed() {
     assert_eq!(report.backends[0].backend_resets, 1, "{report:?}");
     stop.store(true, Ordering::Relaxed);
 }
+}
 
-#[test]
+both_drivers! {
 fn with_every_backend_down_the_balancer_stays_up_and_recovers() {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -181,8 +187,9 @@ fn with_every_backend_down_the_balancer_stays_up_and_recovers() {
     let report = &lb.stop()[0];
     assert_eq!(report.unserved, 5);
 }
+}
 
-#[test]
+both_drivers! {
 fn the_connection_cap_holds_new_clients_in_the_backlog_until_a_place_frees() {
     // An echo backend that serves any number of connections at once.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -224,6 +231,7 @@ fn the_connection_cap_holds_new_clients_in_the_backlog_until_a_place_frees() {
     second.read_exact(&mut one).unwrap();
     assert_eq!(&one, b"b");
 }
+}
 
 /// A closed-loop load that runs until told to stop.
 fn endless_load(
@@ -259,14 +267,15 @@ fn stop_under_load(addr: SocketAddr, stop_server: impl FnOnce() -> u64) -> (u64,
     (r.complete - r.failed.connect, served)
 }
 
-#[test]
+both_drivers! {
 fn a_backend_stopped_under_load_resets_nobody_it_accepted() {
     let b = backend(1);
     let (answered, served) = stop_under_load(b.addr(), || b.stop()[0][0].ok);
     assert_eq!(served, answered);
 }
+}
 
-#[test]
+both_drivers! {
 fn the_balancer_stopped_under_load_resets_nobody_it_accepted() {
     let b = backend(2);
     let lb = balancer(&b.addrs);
@@ -275,8 +284,9 @@ fn the_balancer_stopped_under_load_resets_nobody_it_accepted() {
     });
     assert_eq!(relayed, answered);
 }
+}
 
-#[test]
+both_drivers! {
 fn slow_and_hostile_clients_do_not_slow_anyone_else() {
     let b = backend_with(
         1,
@@ -358,8 +368,9 @@ fn slow_and_hostile_clients_do_not_slow_anyone_else() {
         "the garbage was never refused: {stats:?}"
     );
 }
+}
 
-#[test]
+both_drivers! {
 fn a_thousand_idle_connections_do_not_fail_anyone() {
     // Both ends live in this process: two descriptors per idle connection.
     let n = (ringlab::io::limits::raise_nofile().saturating_sub(300) / 2).min(1000);
@@ -372,8 +383,9 @@ fn a_thousand_idle_connections_do_not_fail_anyone() {
     assert_eq!((r.complete, r.failed.total()), (1000, 0));
     drop(idle);
 }
+}
 
-#[test]
+both_drivers! {
 fn running_out_of_descriptors_pauses_accepting_and_recovers() {
     // A real server process with a tiny descriptor limit, so the test process keeps its own.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -382,8 +394,9 @@ fn running_out_of_descriptors_pauses_accepting_and_recovers() {
     let child = std::process::Command::new("sh")
         .arg("-c")
         .arg(format!(
-            "ulimit -n 48 && exec {} backend --listen {addr} --max-conns 1000",
-            env!("CARGO_BIN_EXE_ringlab")
+            "ulimit -n 48 && exec {} backend --listen {addr} --max-conns 1000 --io {}",
+            env!("CARGO_BIN_EXE_ringlab"),
+            driver()
         ))
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -412,8 +425,9 @@ fn running_out_of_descriptors_pauses_accepting_and_recovers() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("accept paused"), "{err}");
 }
+}
 
-#[test]
+both_drivers! {
 fn a_client_that_closes_without_sending_is_not_replayed() {
     let b = backend(2);
     let mut config = BalancerConfig::new(b.addrs.clone());
@@ -425,4 +439,5 @@ fn a_client_that_closes_without_sending_is_not_replayed() {
     assert_eq!(get(lb.addr()).len(), 122);
     let report = &lb.stop()[0];
     assert_eq!(report.retried, 0, "{report:?}");
+}
 }

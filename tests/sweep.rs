@@ -1,5 +1,6 @@
 //! `ringlab sweep`: a small matrix over an in-process lab, written to a temporary folder.
 
+#[macro_use]
 mod common;
 
 use std::process::Command;
@@ -22,10 +23,11 @@ fn small(targets: Vec<ringlab::lab::topology::NamedTarget>) -> SweepConfig {
         timeout: Duration::from_secs(10),
         note: None,
         stop: Shutdown::new(),
+        io: vec![common::driver()],
     }
 }
 
-#[test]
+both_drivers! {
 fn a_small_sweep_writes_readme_json_and_chart_in_the_labs_columns() {
     let sweep = sweep::run(&small(Vec::new())).unwrap();
     assert_eq!(sweep.cells.len(), 3 * 2);
@@ -78,14 +80,16 @@ fn a_small_sweep_writes_readme_json_and_chart_in_the_labs_columns() {
     let svg = std::fs::read_to_string(out.join("chart.svg")).unwrap();
     assert_eq!(svg.matches("<polyline").count(), 6);
 }
+}
 
-#[test]
+both_drivers! {
 fn the_cli_sweeps_given_targets_into_the_out_folder() {
     let b = common::backend(1);
     let dir = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_ringlab"))
         .args([
-            "sweep", "-n", "40", "-c", "1,3", "--repeat", "1", "--label", "t",
+            "sweep", "-n", "40", "-c", "1,3", "--repeat", "1", "--label", "t", "--io",
+            &common::driver().to_string(),
         ])
         .arg("--target")
         .arg(format!("one={}", b.addr()))
@@ -115,4 +119,5 @@ fn the_cli_sweeps_given_targets_into_the_out_folder() {
     assert!(readme.contains("backend unpinned, in the test process"));
     assert!(readme.contains(&format!("### PORT {} (one)", b.addr().port())));
     assert!(folder.join("sweep.json").exists() && folder.join("chart.svg").exists());
+}
 }

@@ -12,8 +12,10 @@ use futures_lite::future;
 use glommio::sync::{Gate, Semaphore, StaticPermit};
 
 use crate::io::conn::Conn;
-use crate::io::readiness::{self, Direction, Registration};
+use crate::io::driver::epoll::{Direction, Registration};
+use crate::io::driver::{self, Driver, IoMode, uring};
 use crate::io::shutdown::LocalStop;
+use crate::io::time;
 
 /// How long to pause accepting after the process or system runs out of a resource. Short enough
 /// to recover quickly once connections close, long enough not to burn the core on a full table.
@@ -23,11 +25,13 @@ const EXHAUSTED_BACKOFF: Duration = Duration::from_millis(50);
 /// calling `on_conn` for each connection, including those still in the backlog when the stop
 /// comes. Returns how many connections were accepted.
 ///
-/// Connections are taken with one non-blocking `accept4` each (glommio's accept costs three
-/// `fcntl`s around every `accept`, which the profile showed). When the queue is empty the loop
-/// waits on the executor's epoll set for the listener to become readable, never in an io_uring
-/// accept: a stop cancels the wait, and cancelling an accept that the kernel had just completed
-/// would orphan that connection (a test caught a client left hanging that way).
+/// On the uring driver one multishot accept takes every connection (the prototype found that it
+/// carries most of io_uring's gain over epoll for one request per connection). On the epoll
+/// driver each is one non-blocking `accept4` after the listener's level-triggered event (a
+/// failed `accept4` is not cheap: the kernel allocates the new socket, its file and its inode
+/// before it finds the queue empty). Neither waits in a way a stop could cancel after the kernel
+/// had completed an accept: that would orphan a connection (a test caught a client left hanging
+/// that way), so connections the kernel accepted for us before the stop are served.
 pub async fn run(
     listener: std::net::TcpListener,
     stop: &LocalStop,
@@ -38,14 +42,19 @@ pub async fn run(
     let mut accepted = 0u64;
     let mut stopped = std::pin::pin!(stop.stopped());
     let mut last_report: Option<Instant> = None;
-    // Non-blocking for good: every accept here is a non-blocking `accept4`.
+    // Non-blocking for good: the drain below (and the epoll driver) use non-blocking `accept4`.
     if let Err(err) = listener.set_nonblocking(true) {
         eprintln!("ringlab: cannot make the listener non-blocking: {err}");
         return 0;
     }
-    // Declared after `listener`, so it is dropped after the listener is closed. Level-triggered:
-    // one accept per event, so the loop never calls accept4 just to find the queue empty.
-    let registration = Registration::level(fd);
+    // Declared after `listener`, so it is dropped after the listener is closed.
+    let mut acceptor = match Acceptor::new(&listener) {
+        Ok(acceptor) => acceptor,
+        Err(err) => {
+            eprintln!("ringlab: cannot accept on {fd}: {err}");
+            return 0;
+        }
+    };
     let mut slot = None;
     while !stop.is_stopped() {
         // The connection cap: at the limit, stop accepting until a connection ends. New clients
@@ -54,8 +63,7 @@ pub async fn run(
             slot = match limit.try_acquire_static_permit(1) {
                 Ok(permit) => Some(permit),
                 Err(_) => {
-                    // Not waiting on the listener for a while: out of the epoll set meanwhile.
-                    registration.pause();
+                    acceptor.pause();
                     let waited =
                         future::or(async { limit.acquire_static_permit(1).await.ok() }, async {
                             (&mut stopped).await;
@@ -69,34 +77,11 @@ pub async fn run(
                 }
             };
         }
-        let next = match registration.ready(Direction::Read).then(|| accept_now(fd)) {
-            Some(Ok(Some(conn))) => {
-                // The next epoll round says whether more are queued.
-                registration.clear(Direction::Read);
-                Some(Ok(conn))
-            }
-            Some(Ok(None)) | None => {
-                let ready = future::or(
-                    async {
-                        if registration.wait_drained(Direction::Read).await.is_err() {
-                            // No epoll item (out of memory): look again shortly.
-                            glommio::timer::sleep(EXHAUSTED_BACKOFF).await;
-                        }
-                        true
-                    },
-                    async {
-                        (&mut stopped).await;
-                        false
-                    },
-                )
-                .await;
-                if ready {
-                    continue;
-                }
-                break;
-            }
-            Some(Err(err)) => Some(Err(err)),
-        };
+        let next = future::or(async { Some(acceptor.next().await) }, async {
+            (&mut stopped).await;
+            None
+        })
+        .await;
         match next {
             None => break,
             Some(Ok(conn)) => {
@@ -121,24 +106,30 @@ pub async fn run(
                         );
                         last_report = Some(Instant::now());
                     }
-                    // Out of the epoll set meanwhile: the queued connections would be reported
-                    // on every round.
-                    registration.pause();
-                    glommio::timer::sleep(EXHAUSTED_BACKOFF).await;
+                    acceptor.pause();
+                    time::sleep(EXHAUSTED_BACKOFF).await;
                 }
                 // Other errors (a peer that reset before accept, for one) concern one connection.
             }
         }
     }
-    registration.pause();
-    // Hand over what the kernel already completed: those clients are owed an answer.
-    // Stop new handshakes first, let those in flight finish, then take everything queued: a
-    // client is either served or never connected, never reset after connecting.
+    // Hand over what the kernel already completed: those clients are owed an answer. First
+    // what it accepted for us before the stop, then (new handshakes stopped, those in flight
+    // let finish) everything still queued: a client is either served or never connected, never
+    // reset after connecting. Past the cap too: refusing them now would reset them.
+    for conn in acceptor.stop().await {
+        accepted += 1;
+        on_conn(
+            conn,
+            Slot {
+                _permit: slot.take(),
+            },
+        );
+    }
     let filtered = drop_new_syns(fd);
     if filtered {
-        glommio::timer::sleep(HANDSHAKE_GRACE).await;
+        time::sleep(HANDSHAKE_GRACE).await;
     }
-    // Past the cap too: refusing them now would reset clients the kernel already accepted.
     while let Ok(Some(conn)) = accept_now(fd) {
         accepted += 1;
         on_conn(
@@ -148,6 +139,7 @@ pub async fn run(
             },
         );
     }
+    drop(acceptor);
     // Closing the descriptor is not enough: the executors of one server share the listening
     // socket through duplicates, and it keeps listening (and completing handshakes nobody will
     // accept) until the last one closes. Shutting it down stops the listening now, so a balancer
@@ -156,6 +148,73 @@ pub async fn run(
     unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
     drop(listener);
     accepted
+}
+
+/// Where connections come from: a multishot accept on the uring driver, level-triggered
+/// readiness and `accept4` on the epoll driver.
+enum Acceptor {
+    Epoll(RawFd, Registration),
+    Uring(uring::Accepts),
+}
+
+impl Acceptor {
+    fn new(listener: &std::net::TcpListener) -> io::Result<Acceptor> {
+        let driver = Driver::current()?;
+        Ok(match driver.mode() {
+            IoMode::Epoll => Acceptor::Epoll(
+                listener.as_raw_fd(),
+                // One accept per event: the next round says whether more are queued.
+                Registration::level(listener.as_raw_fd()),
+            ),
+            IoMode::Uring => Acceptor::Uring(uring::Accepts::new(driver, listener)),
+        })
+    }
+
+    /// The next connection. Dropping the future loses none.
+    async fn next(&mut self) -> io::Result<Conn> {
+        match self {
+            Acceptor::Epoll(fd, registration) => loop {
+                if registration.ready(Direction::Read) {
+                    if let Some(conn) = accept_now(*fd)? {
+                        registration.clear(Direction::Read);
+                        return Ok(conn);
+                    }
+                }
+                registration.wait_drained(Direction::Read).await?;
+            },
+            Acceptor::Uring(accepts) => {
+                let fd = accepts.next().await?;
+                // SAFETY: a descriptor the kernel just accepted for us.
+                Conn::new(unsafe { OwnedFd::from_raw_fd(fd) })
+            }
+        }
+    }
+
+    /// Stops accepting until the next [`Acceptor::next`].
+    fn pause(&mut self) {
+        match self {
+            // Out of the epoll set meanwhile: a ready listener would be reported every round.
+            Acceptor::Epoll(_, registration) => registration.pause(),
+            Acceptor::Uring(accepts) => accepts.pause(),
+        }
+    }
+
+    /// Stops for good; returns the connections already accepted for us.
+    async fn stop(&mut self) -> Vec<Conn> {
+        match self {
+            Acceptor::Epoll(_, registration) => {
+                registration.pause();
+                Vec::new()
+            }
+            Acceptor::Uring(accepts) => accepts
+                .stop()
+                .await
+                .into_iter()
+                // SAFETY: descriptors the kernel accepted for us.
+                .filter_map(|fd| Conn::new(unsafe { OwnedFd::from_raw_fd(fd) }).ok())
+                .collect(),
+        }
+    }
 }
 
 /// How long in-flight handshakes get to complete once new ones are dropped (loopback and LAN
@@ -233,7 +292,7 @@ pub fn spawn_connection(gate: &Gate, slot: Slot, serve: impl Future<Output = ()>
         drop(slot);
     };
     #[allow(clippy::disallowed_methods)] // the future is tracked
-    let spawned = gate.spawn(readiness::tracked(task));
+    let spawned = gate.spawn(driver::tracked(task));
     if let Ok(task) = spawned {
         task.detach();
     }
@@ -263,7 +322,7 @@ fn accept_now(fd: RawFd) -> io::Result<Option<Conn>> {
     };
     if conn >= 0 {
         // SAFETY: `conn` is a freshly accepted socket this code now owns.
-        return Ok(Some(Conn::new(unsafe { OwnedFd::from_raw_fd(conn) })));
+        return Conn::new(unsafe { OwnedFd::from_raw_fd(conn) }).map(Some);
     }
     let err = io::Error::last_os_error();
     match err.kind() {

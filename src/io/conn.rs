@@ -1,20 +1,38 @@
-//! A TCP connection that does its I/O with plain non-blocking system calls and waits, only after
-//! one returned `EAGAIN`, on the executor's epoll set (see [`crate::io::readiness`]).
+//! A TCP connection on the current executor's driver: one type for every server, the balancer
+//! and the client, with the io_uring driver or the epoll one behind it (see
+//! [`crate::io::driver`]).
 //!
-//! Each wait used to arm an io_uring poll through a glommio stream; the profile showed the ring
-//! operations and, worse, a reschedule IPI for most of them (io_uring's task work), where nginx
-//! and HAProxy on epoll take almost none. Now a socket is added to the epoll set on its first
-//! wait, once, and every later wait is a waker store.
+//! Reads and writes take the caller's `Vec` by `&mut`: a read appends into its spare capacity,
+//! a write sends its contents, and either way the `Vec` comes back. Under io_uring the operation
+//! owns the buffer while the kernel uses it, so a future dropped mid-operation can never leave
+//! the kernel writing into freed memory (the buffer then stays with the orphaned operation, and
+//! the caller's `Vec` is left empty). Dropping a read loses no bytes: ones that had arrived are
+//! kept for the next read. Dropping a write may have sent part of it: callers that drop a write
+//! close the connection.
 
 use std::cell::Cell;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, IntoRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+use std::time::Duration;
 
-use crate::io::readiness::{Direction, Registration};
+use crate::io::driver::epoll::{Direction, Registration};
+use crate::io::driver::{Driver, IoMode, uring};
+use crate::io::time;
 
 /// A connected stream socket (TCP, or the stop watcher's socketpair) owned by the current
 /// executor.
 pub struct Conn {
+    inner: Inner,
+}
+
+enum Inner {
+    Epoll(EpollConn),
+    /// Closed through the ring when the connection drops.
+    Uring(Rc<uring::Socket>),
+}
+
+struct EpollConn {
     // Declared first so the descriptor is closed (leaving the epoll set) before the registration
     // frees its slot.
     fd: OwnedFd,
@@ -24,34 +42,117 @@ pub struct Conn {
 }
 
 impl AsFd for Conn {
-    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.fd.as_fd()
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        // SAFETY: the descriptor stays open for as long as the connection (and so the borrow).
+        unsafe { BorrowedFd::borrow_raw(self.fd()) }
     }
 }
 
 impl Conn {
-    /// Wraps a connected (or connecting) non-blocking socket.
-    pub fn new(fd: OwnedFd) -> Conn {
-        let raw = fd.as_raw_fd();
-        Conn {
-            fd,
-            registration: Registration::new(raw),
-            at_eof: Cell::new(false),
-        }
+    /// Wraps a connected (or connecting) non-blocking socket for the current executor's driver.
+    pub fn new(fd: OwnedFd) -> io::Result<Conn> {
+        let driver = Driver::current()?;
+        Ok(Conn::with_driver(fd, driver))
+    }
+
+    fn with_driver(fd: OwnedFd, driver: Rc<Driver>) -> Conn {
+        let inner = match driver.mode() {
+            IoMode::Epoll => {
+                let raw = fd.as_raw_fd();
+                Inner::Epoll(EpollConn {
+                    fd,
+                    registration: Registration::new(raw),
+                    at_eof: Cell::new(false),
+                })
+            }
+            IoMode::Uring => {
+                let raw = fd.into_raw_fd();
+                Inner::Uring(uring::Socket::new(raw, driver))
+            }
+        };
+        Conn { inner }
     }
 
     /// The socket's descriptor (for shutdown by a deadline and for socket options).
     pub fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        match &self.inner {
+            Inner::Epoll(c) => c.fd.as_raw_fd(),
+            Inner::Uring(s) => s.fd(),
+        }
     }
 
-    /// Reads into `buf`; 0 means the peer closed (or the read side was shut down).
-    ///
+    /// Reads into the spare capacity of `buf`, appending; `Ok(0)` means the peer closed (or the
+    /// read side was shut down), or `buf` had no room.
+    pub async fn read(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        match &self.inner {
+            Inner::Epoll(c) => c.read(buf).await,
+            Inner::Uring(s) => s.read(buf).await,
+        }
+    }
+
+    /// Reads what is already there without waiting for more: `Some(0)` when the peer's
+    /// end-of-file is next, `Some(n)` for `n` bytes appended, `None` when nothing is known to be
+    /// queued. An error is never returned here but by the next [`Conn::read`], so a probe cannot
+    /// turn a reset into an end. (The epoll driver answers from the `EPOLLRDHUP` it saw, with
+    /// no system call.)
+    pub async fn read_now(&self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+        match &self.inner {
+            Inner::Epoll(c) => Ok(c.at_eof.get().then_some(0)),
+            Inner::Uring(s) => s.read_now(buf).await,
+        }
+    }
+
+    /// Writes all of `buf` (which comes back unchanged).
+    pub async fn write_all(&self, buf: &mut Vec<u8>) -> io::Result<()> {
+        self.send_all(buf, 0).await
+    }
+
+    async fn send_all(&self, buf: &mut Vec<u8>, flags: libc::c_int) -> io::Result<()> {
+        match &self.inner {
+            Inner::Epoll(c) => c.send_all(buf, flags).await,
+            Inner::Uring(s) => s.send_all(buf, flags).await,
+        }
+    }
+
+    /// Writes all of `buf`, then sends a FIN riding on the last data segment. Each byte goes out
+    /// with `MSG_MORE`, which holds the tail segment back until the `shutdown` that follows adds
+    /// the FIN to it: the peer gets data and end-of-file in one packet (one receive, one wake-up)
+    /// instead of two. The shutdown comes right after the send completes, so nothing stays held
+    /// back. (A plain `shutdown(2)` on both drivers: io_uring's always runs on a worker thread.)
+    pub async fn write_all_and_finish(&self, buf: &mut Vec<u8>) -> io::Result<()> {
+        self.send_all(buf, libc::MSG_MORE).await?;
+        self.shutdown_write()
+    }
+
+    /// Records that nothing can be readable yet (a connection that has not sent its first
+    /// request), so the first read waits for an event instead of calling `recv` for `EAGAIN`.
+    pub fn expect_nothing_yet(&self) {
+        if let Inner::Epoll(c) = &self.inner {
+            c.registration.clear(Direction::Read);
+        }
+    }
+
+    /// Sends a FIN: the peer reads end-of-file, and can still send to us.
+    pub fn shutdown_write(&self) -> io::Result<()> {
+        shutdown(self.fd(), libc::SHUT_WR)
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        if let Inner::Uring(socket) = &self.inner {
+            socket.close();
+        }
+    }
+}
+
+impl EpollConn {
     /// A read that comes back short drained the socket, so the next one waits for an event
     /// before calling `recv` (no `EAGAIN` round trip), unless the peer's FIN is known to be
     /// queued, in which case the next read returns 0 at once.
-    pub async fn read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
+    async fn read(&self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        let room = buf.capacity() - buf.len();
+        if room == 0 {
             return Ok(0);
         }
         loop {
@@ -59,9 +160,9 @@ impl Conn {
                 return Ok(0);
             }
             if self.registration.ready(Direction::Read) {
-                match try_recv(self.fd(), buf) {
+                match try_recv(self.fd.as_raw_fd(), buf) {
                     Some(Ok(n)) => {
-                        if n > 0 && n < buf.len() {
+                        if n > 0 && n < room {
                             if self.registration.peer_closed() {
                                 self.at_eof.set(true);
                             } else if !self.registration.hung_up() {
@@ -78,48 +179,18 @@ impl Conn {
         }
     }
 
-    /// Whether the peer's end-of-file is known to be next: the last read was short and the FIN
-    /// was already queued behind it.
-    pub fn eof_pending(&self) -> bool {
-        self.at_eof.get()
-    }
-
-    /// Writes all of `buf`.
-    pub async fn write_all(&self, buf: &[u8]) -> io::Result<()> {
-        self.send_all(buf, 0).await
-    }
-
     /// Sends all of `buf` with `flags`, waiting for room when the send buffer is full.
-    async fn send_all(&self, mut buf: &[u8], flags: libc::c_int) -> io::Result<()> {
-        while !buf.is_empty() {
-            match send(self.fd(), buf, flags) {
+    async fn send_all(&self, buf: &[u8], flags: libc::c_int) -> io::Result<()> {
+        let mut rest = buf;
+        while !rest.is_empty() {
+            match send(self.fd.as_raw_fd(), rest, flags) {
                 Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-                Some(Ok(n)) => buf = &buf[n..],
+                Some(Ok(n)) => rest = &rest[n..],
                 Some(Err(e)) => return Err(e),
                 None => self.registration.wait_drained(Direction::Write).await?,
             }
         }
         Ok(())
-    }
-
-    /// Writes all of `buf`, then sends a FIN riding on the last data segment. Each byte goes out
-    /// with `MSG_MORE`, which holds the tail segment back until the `shutdown` that follows adds
-    /// the FIN to it: the peer gets data and end-of-file in one packet (one receive, one wake-up)
-    /// instead of two. The shutdown comes right after the send, so nothing stays held back.
-    pub async fn write_all_and_finish(&self, buf: &[u8]) -> io::Result<()> {
-        self.send_all(buf, libc::MSG_MORE).await?;
-        self.shutdown_write()
-    }
-
-    /// Records that nothing can be readable yet (a connection that has not sent its first
-    /// request), so the first read waits for an event instead of calling `recv` for `EAGAIN`.
-    pub fn expect_nothing_yet(&self) {
-        self.registration.clear(Direction::Read);
-    }
-
-    /// Sends a FIN: the peer reads end-of-file, and can still send to us.
-    pub fn shutdown_write(&self) -> io::Result<()> {
-        shutdown(self.fd(), libc::SHUT_WR)
     }
 }
 
@@ -133,12 +204,25 @@ pub fn shutdown(fd: RawFd, how: libc::c_int) -> io::Result<()> {
     }
 }
 
-/// One non-blocking `recv`: `None` when it would block.
-fn try_recv(fd: RawFd, buf: &mut [u8]) -> Option<io::Result<usize>> {
-    // SAFETY: `buf` is valid for `buf.len()` bytes; `fd` is open while the caller holds it.
-    nonblocking(|| unsafe {
-        libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT)
-    })
+/// One non-blocking `recv` into the spare capacity of `buf`: `None` when it would block.
+fn try_recv(fd: RawFd, buf: &mut Vec<u8>) -> Option<io::Result<usize>> {
+    let len = buf.len();
+    let room = buf.capacity() - len;
+    // SAFETY: the pointer and length describe `buf`'s spare capacity; `fd` is open while the
+    // caller holds it.
+    let got = nonblocking(|| unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().add(len).cast(),
+            room,
+            libc::MSG_DONTWAIT,
+        )
+    });
+    if let Some(Ok(n)) = got {
+        // SAFETY: the kernel initialised `n` bytes of the spare capacity.
+        unsafe { buf.set_len(len + n) };
+    }
+    got
 }
 
 /// One non-blocking `send` with `flags` (`MSG_MORE`, or 0), never raising SIGPIPE: `None` when
@@ -165,11 +249,14 @@ fn nonblocking(mut call: impl FnMut() -> isize) -> Option<io::Result<usize>> {
     }
 }
 
-/// Connects to `addr` with one non-blocking `connect(2)` instead of an io_uring connect linked to
-/// a timeout (two ring operations and a wake-up). On loopback the handshake completes inside the
-/// call, so the zero-length `send` that follows answers at once: 0 when connected, the connect's
-/// error (refused) otherwise. Only a handshake still in flight waits, bounded by `timeout`.
-pub async fn connect(addr: std::net::SocketAddr, timeout: std::time::Duration) -> io::Result<Conn> {
+/// Connects to `addr`, giving up after `timeout`.
+///
+/// On the uring driver the connect is a ring operation (its timeout one of the executor's own
+/// timers, not a second ring operation). On the epoll driver it is one non-blocking
+/// `connect(2)`: on loopback the handshake completes inside the call, so the zero-length `send`
+/// that follows answers at once (0 when connected, the connect's error otherwise), and only a
+/// handshake still in flight waits.
+pub async fn connect(addr: std::net::SocketAddr, timeout: Duration) -> io::Result<Conn> {
     let domain = if addr.is_ipv6() {
         socket2::Domain::IPV6
     } else {
@@ -180,12 +267,31 @@ pub async fn connect(addr: std::net::SocketAddr, timeout: std::time::Duration) -
         socket2::Type::STREAM.nonblocking().cloexec(),
         Some(socket2::Protocol::TCP),
     )?;
+    let driver = Driver::current()?;
+    let expired = async {
+        time::sleep(timeout).await;
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect to {addr} timed out"),
+        ))
+    };
+    if driver.mode() == IoMode::Uring {
+        let conn = Conn::with_driver(OwnedFd::from(socket), driver);
+        let Inner::Uring(socket) = &conn.inner else {
+            unreachable!("a uring driver makes uring sockets");
+        };
+        futures_lite::future::or(socket.connect(&addr.into()), expired).await?;
+        return Ok(conn);
+    }
     match socket.connect(&addr.into()) {
         Ok(()) => {}
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(e),
     }
-    let conn = Conn::new(OwnedFd::from(socket));
+    let conn = Conn::with_driver(OwnedFd::from(socket), driver);
+    let Inner::Epoll(c) = &conn.inner else {
+        unreachable!("an epoll driver makes epoll sockets");
+    };
     // A zero-length send on a socket still connecting gets EAGAIN; once connected it returns 0,
     // and after a failed handshake it returns the connect's error.
     // Nothing can arrive before the request is sent.
@@ -198,16 +304,9 @@ pub async fn connect(addr: std::net::SocketAddr, timeout: std::time::Duration) -
         loop {
             match send(conn.fd(), &[], 0) {
                 Some(done) => return done.map(|_| ()),
-                None => conn.registration.wait_drained(Direction::Write).await?,
+                None => c.registration.wait_drained(Direction::Write).await?,
             }
         }
-    };
-    let expired = async {
-        glommio::timer::sleep(timeout).await;
-        Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!("connect to {addr} timed out"),
-        ))
     };
     futures_lite::future::or(handshake, expired).await?;
     Ok(conn)

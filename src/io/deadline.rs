@@ -1,10 +1,10 @@
 //! Coarse per-executor deadlines: one ticking timer per executor shuts down the sockets whose
 //! deadline passed, instead of a timer armed per read.
 //!
-//! A glommio read timeout inserts a reactor timer whenever a read waits, and every change of the
-//! earliest timer makes glommio submit a `TIMEOUT` and an `ASYNC_CANCEL` to io_uring: the profile
-//! showed one of each per request. Here arming or moving a deadline is a `Cell` store; the cost
-//! is a wake-up per tick, and the precision is one tick.
+//! A timer per read would be a heap push and pop per request (and with glommio's timers, a
+//! `TIMEOUT` and an `ASYNC_CANCEL` on its ring: the profile once showed one of each per request).
+//! Here arming or moving a deadline is a `Cell` store; the cost is a wake-up per tick, and the
+//! precision is one tick.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use crate::io::conn;
 use crate::io::shutdown::LocalStop;
+use crate::io::time;
 
 /// For [`Deadlines::arm`]: shut nothing down when the deadline passes, only wake the owner
 /// waiting in [`Deadline::expired`] (`SHUT_RD` is 0, so 0 cannot mean this).
@@ -138,7 +139,7 @@ impl Deadlines {
             if stop.is_stopped() && self.slots.borrow().iter().all(Option::is_none) {
                 return;
             }
-            glommio::timer::sleep(self.tick).await;
+            time::sleep(self.tick).await;
             let now = self.now.get() + 1;
             self.now.set(now);
             let due: Vec<Rc<Entry>> = self

@@ -5,8 +5,9 @@
 pub mod accept;
 pub mod conn;
 pub mod deadline;
+pub mod driver;
 pub mod limits;
 pub mod listen;
 pub mod placement;
-pub mod readiness;
 pub mod shutdown;
+pub mod time;

@@ -9,6 +9,8 @@ use std::thread::JoinHandle;
 
 use glommio::{LocalExecutorBuilder, Placement};
 
+use crate::io::driver::{self, IoMode};
+
 /// Memory glommio pre-registers with io_uring for storage DMA buffers. The lab does only socket
 /// I/O, so the 10 MiB default would be locked memory spent on nothing; glommio's floor is 64 KiB.
 const IO_MEMORY: usize = 256 * 1024;
@@ -85,6 +87,8 @@ pub struct Executor<T> {
     pub cpu: Option<usize>,
     /// Its thread name.
     pub name: String,
+    /// How its socket driver was set up (see [`crate::io::driver::Driver::describe`]).
+    pub driver: String,
 }
 
 impl<T> fmt::Debug for Executor<T> {
@@ -110,10 +114,16 @@ impl<T> Executor<T> {
     }
 }
 
-/// Starts a glommio executor on a new thread, pinned to `cpu` (or unbound), and runs `make()`'s
-/// future on it. Returns only once the executor is up, so a failure to create the io_uring rings
-/// is an `Err` here, with a hint, rather than a panic on another thread.
-pub fn spawn_pinned<G, F, T>(name: &str, cpu: Option<usize>, make: G) -> io::Result<Executor<T>>
+/// Starts a glommio executor on a new thread, pinned to `cpu` (or unbound), with its sockets on
+/// the `io` driver, and runs `make()`'s future on it. Returns only once the executor and its
+/// driver are up, so a failure to create either is an `Err` here, one line with the fix, rather
+/// than a panic on another thread.
+pub fn spawn_pinned<G, F, T>(
+    name: &str,
+    cpu: Option<usize>,
+    io: IoMode,
+    make: G,
+) -> io::Result<Executor<T>>
 where
     G: FnOnce() -> F + Send + 'static,
     F: Future<Output = T> + 'static,
@@ -122,7 +132,11 @@ where
     if let Some(cpu) = cpu {
         check_cpu(cpu)?;
     }
-    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<(), String>>(1);
+    enum Failed {
+        Executor(String),
+        Driver(String),
+    }
+    let (ready_tx, ready_rx) = mpsc::sync_channel::<Result<String, Failed>>(1);
     let thread_name = name.to_string();
     let handle = std::thread::Builder::new()
         .name(thread_name.clone())
@@ -135,33 +149,58 @@ where
                 .name(&thread_name)
                 .io_memory(IO_MEMORY)
                 .make();
-            match executor {
-                Ok(executor) => {
-                    let _ = ready_tx.send(Ok(()));
-                    Some(executor.run(crate::io::readiness::tracked(make())))
-                }
+            let executor = match executor {
+                Ok(executor) => executor,
                 Err(err) => {
-                    let _ = ready_tx.send(Err(err.to_string()));
-                    None
+                    let _ = ready_tx.send(Err(Failed::Executor(err.to_string())));
+                    return None;
                 }
-            }
+            };
+            driver::set_mode(io);
+            executor.run(async move {
+                match driver::start() {
+                    Ok(described) => {
+                        let _ = ready_tx.send(Ok(described));
+                    }
+                    Err(err) => {
+                        let _ = ready_tx.send(Err(Failed::Driver(err.to_string())));
+                        return None;
+                    }
+                }
+                let out = driver::tracked(make()).await;
+                driver::exit();
+                Some(out)
+            })
         })?;
     let started = ready_rx
         .recv()
-        .unwrap_or_else(|_| Err("thread exited".into()));
-    if let Err(err) = started {
-        let _ = handle.join();
-        return Err(io::Error::other(format!(
-            "cannot start an io_uring executor{}: {err}. io_uring needs Linux 5.8 or newer with \
-             io_uring enabled (sysctl kernel.io_uring_disabled=0) and at least 512 KiB of \
-             locked memory (raise it with `ulimit -l unlimited` or LimitMEMLOCK=infinity)",
-            cpu.map(|c| format!(" on CPU {c}")).unwrap_or_default()
-        )));
-    }
+        .unwrap_or_else(|_| Err(Failed::Executor("thread exited".into())));
+    let on = cpu.map(|c| format!(" on CPU {c}")).unwrap_or_default();
+    let driver = match started {
+        Ok(described) => described,
+        Err(failed) => {
+            let _ = handle.join();
+            return Err(io::Error::other(match failed {
+                Failed::Executor(err) => format!(
+                    "cannot start a glommio executor{on}: {err}. glommio runs on io_uring \
+                     whichever --io driver the sockets use: it needs Linux 5.8 or newer with \
+                     io_uring enabled (sysctl kernel.io_uring_disabled=0; in a container, a \
+                     seccomp profile that allows io_uring_setup) and at least 512 KiB of locked \
+                     memory (`ulimit -l unlimited` or LimitMEMLOCK=infinity)"
+                ),
+                Failed::Driver(err) => format!(
+                    "cannot set up the io_uring for the sockets{on}: {err}. The uring driver \
+                     needs Linux 5.11 or newer with io_uring enabled (sysctl \
+                     kernel.io_uring_disabled=0); to run anyway, pass --io epoll"
+                ),
+            }));
+        }
+    };
     Ok(Executor {
         handle,
         cpu,
         name: name.to_string(),
+        driver,
     })
 }
 

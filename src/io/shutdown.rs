@@ -17,7 +17,8 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 
 use crate::io::conn::Conn;
-use crate::io::readiness;
+use crate::io::driver;
+use crate::io::time;
 
 /// A cloneable, thread-safe stop switch.
 #[derive(Clone, Default)]
@@ -78,20 +79,21 @@ impl Shutdown {
     pub async fn wait(&self) {
         match self.wait_fd() {
             Ok(fd) => {
-                // A connection on the executor's epoll set, like every socket here: a trip then
-                // also ends a collecting task's sleep in `epoll_wait` at once. Nothing is ever
-                // written, so the read ends with end-of-file (or an error) when the switch trips.
-                let watcher = Conn::new(fd);
-                let mut byte = [0u8; 1];
-                if watcher.read(&mut byte).await.is_ok() {
-                    return;
+                // A connection on the executor's driver, like every socket here: a trip then also
+                // ends the collecting task's sleep at once. Nothing is ever written, so the read
+                // ends with end-of-file (or an error) when the switch trips.
+                if let Ok(watcher) = Conn::new(fd) {
+                    let mut byte = Vec::with_capacity(1);
+                    if watcher.read(&mut byte).await.is_ok() {
+                        return;
+                    }
                 }
             }
             Err(err) => eprintln!("ringlab: shutdown watcher fell back to polling: {err}"),
         }
         // No socketpair, or no epoll item for it: no wake-up, so check the flag.
         while !self.is_triggered() {
-            glommio::timer::sleep(std::time::Duration::from_millis(50)).await;
+            time::sleep(std::time::Duration::from_millis(50)).await;
         }
     }
 }
@@ -121,7 +123,7 @@ impl LocalStop {
         let stop = LocalStop::default();
         let fire = stop.clone();
         let shutdown = shutdown.clone();
-        readiness::spawn_local(async move {
+        driver::spawn_local(async move {
             shutdown.wait().await;
             fire.fire();
         })

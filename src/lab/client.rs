@@ -18,8 +18,8 @@ use serde::Serialize;
 
 use crate::io::conn::{self, Conn};
 use crate::io::deadline::{Deadline, Deadlines};
+use crate::io::driver::{self, IoMode};
 use crate::io::placement;
-use crate::io::readiness;
 use crate::io::shutdown::{LocalStop, Shutdown};
 use crate::serve::http;
 
@@ -199,6 +199,8 @@ pub struct BenchConfig {
     pub timeout: Duration,
     /// One executor per entry, pinned where `Some`; workers are spread across them.
     pub cpus: Vec<Option<usize>>,
+    /// The executors' socket driver.
+    pub io: IoMode,
     /// When tripped (Ctrl-C), requests in flight are abandoned (not counted), no new one starts,
     /// and the run reports what it has, marked interrupted.
     pub stop: Option<Shutdown>,
@@ -503,7 +505,7 @@ pub fn run(config: BenchConfig) -> io::Result<BenchResult> {
             None => format!("bench-{i}"),
         };
         let mine = shared.clone();
-        match placement::spawn_pinned(&name, cpu, move || async move {
+        match placement::spawn_pinned(&name, cpu, config.io, move || async move {
             mine.wait_for_go();
             executor_main(mine, workers).await
         }) {
@@ -624,14 +626,14 @@ async fn executor_main(shared: Arc<Shared>, workers: usize) -> Tally {
     let tally = Rc::new(RefCell::new(Tally::new()));
     let deadlines = Deadlines::new(Deadlines::tick_for(shared.config.timeout));
     let stop = LocalStop::default();
-    let ticker = readiness::spawn_local(deadlines.clone().run(stop.clone()));
+    let ticker = driver::spawn_local(deadlines.clone().run(stop.clone()));
     let interrupt = match &shared.config.stop {
         Some(shutdown) => LocalStop::watch(shutdown),
         None => LocalStop::default(),
     };
     let tasks: Vec<_> = (0..workers)
         .map(|_| {
-            readiness::spawn_local(worker(
+            driver::spawn_local(worker(
                 shared.clone(),
                 tally.clone(),
                 deadlines.clone(),
@@ -679,13 +681,23 @@ async fn worker(
     deadlines: Rc<Deadlines>,
     interrupt: LocalStop,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = Vec::with_capacity(16 * 1024);
+    // The worker's own copy: an io_uring send owns its bytes while the kernel sends them.
+    let mut request = shared.request.clone();
     // A kept-alive connection and its timeout; the deadline is declared second so it is dropped
     // (deregistered) before the connection closes.
     let mut kept: Option<(Conn, Deadline)> = None;
     while shared.claim() {
         let attempt = async {
-            one_request(&shared, &tally, &deadlines, &mut kept, &mut buf).await;
+            one_request(
+                &shared,
+                &tally,
+                &deadlines,
+                &mut kept,
+                &mut request,
+                &mut buf,
+            )
+            .await;
             true
         };
         let interrupted = async {
@@ -706,7 +718,8 @@ async fn one_request(
     tally: &Rc<RefCell<Tally>>,
     deadlines: &Rc<Deadlines>,
     kept: &mut Option<(Conn, Deadline)>,
-    buf: &mut [u8],
+    request: &mut Vec<u8>,
+    buf: &mut Vec<u8>,
 ) {
     let config = &shared.config;
     {
@@ -736,7 +749,7 @@ async fn one_request(
                 },
             };
             let connected = Instant::now();
-            let outcome = exchange(&conn, &deadline, &shared.request, buf, reused).await;
+            let outcome = exchange(&conn, &deadline, request, buf, reused).await;
             let end = Instant::now();
             match outcome {
                 Outcome::StaleKeepAlive => continue,
@@ -822,8 +835,8 @@ fn record_failure(tally: &Rc<RefCell<Tally>>, kind: Failure, why: String) {
 async fn exchange(
     conn: &Conn,
     deadline: &Deadline,
-    request: &[u8],
-    buf: &mut [u8],
+    request: &mut Vec<u8>,
+    buf: &mut Vec<u8>,
     reused: bool,
 ) -> Outcome {
     let timed_out = || {
@@ -841,18 +854,18 @@ async fn exchange(
             Outcome::Failed(Failure::Exception, format!("send: {e}"))
         };
     }
-    let mut filled = 0usize;
+    buf.clear();
     let mut scanned = 0usize;
     let mut first_byte = None;
     let head = loop {
-        let n = match conn.read(&mut buf[filled..]).await {
+        let n = match conn.read(buf).await {
             _ if deadline.fired() => return timed_out(),
             Ok(n) => n,
-            Err(_) if reused && filled == 0 => return Outcome::StaleKeepAlive,
+            Err(_) if reused && buf.is_empty() => return Outcome::StaleKeepAlive,
             Err(e) => return Outcome::Failed(Failure::Receive, format!("receive: {e}")),
         };
         if n == 0 {
-            if reused && filled == 0 {
+            if reused && buf.is_empty() {
                 return Outcome::StaleKeepAlive;
             }
             // ab counts a close before a complete response as a length failure.
@@ -862,12 +875,11 @@ async fn exchange(
             );
         }
         first_byte.get_or_insert_with(Instant::now);
-        filled += n;
-        // Heads are bounded well below the buffer, so the body reads below never overwrite the
-        // head (and the Server span the caller reads from it).
-        match http::parse_response_head(&buf[..filled], scanned, http::DEFAULT_MAX_HEAD) {
+        // Heads are bounded well below the buffer, so the body reads below (into the room
+        // after the head) never overwrite the head, nor the Server span the caller reads.
+        match http::parse_response_head(buf, scanned, http::DEFAULT_MAX_HEAD) {
             Ok(Some(head)) => break head,
-            Ok(None) => scanned = filled,
+            Ok(None) => scanned = buf.len(),
             Err(_) => {
                 return Outcome::Failed(
                     Failure::Exception,
@@ -876,10 +888,11 @@ async fn exchange(
             }
         }
     };
-    let mut body = (filled - head.len) as u64;
+    let mut body = (buf.len() - head.len) as u64;
     let want = head.content_length;
     while want.is_none_or(|cl| body < cl) {
-        match conn.read(&mut buf[head.len..]).await {
+        buf.truncate(head.len);
+        match conn.read(buf).await {
             _ if deadline.fired() => return timed_out(),
             Ok(0) => break,
             Ok(n) => body += n as u64,

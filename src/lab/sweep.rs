@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
+use crate::io::driver::IoMode;
 use crate::io::shutdown::Shutdown;
 use crate::lab::client::{self, BenchConfig, BenchResult, Target};
 use crate::lab::machine::Machine;
@@ -36,6 +37,10 @@ pub struct SweepConfig {
     pub timeout: Duration,
     /// How servers started elsewhere were placed, recorded with the results (`--note`).
     pub note: Option<String>,
+    /// Socket drivers: the in-process lab is started once per driver (the first on the lab's
+    /// ports, the others beside it on free ports) and their targets measured side by side. The
+    /// client runs on the first.
+    pub io: Vec<IoMode>,
     /// Tripped by Ctrl-C: the cell in flight is abandoned, the lab stopped, and what was measured
     /// until then is kept, marked interrupted.
     pub stop: Shutdown,
@@ -110,6 +115,11 @@ pub struct Sweep {
     pub cells: Vec<Cell>,
     /// Cells planned: targets × concurrency levels × repetitions.
     pub planned_runs: usize,
+    /// The socket drivers, in order (the client ran on the first).
+    pub io: Vec<IoMode>,
+    /// How each driver was set up on this kernel, e.g. `uring: io_uring
+    /// (SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG)`.
+    pub drivers: Vec<String>,
 }
 
 impl Sweep {
@@ -170,7 +180,11 @@ impl Record for Discard {
 
 /// Checks a sweep's flags before anything starts or touches the disk.
 pub fn validate(config: &SweepConfig) -> io::Result<()> {
-    if config.concurrency.is_empty() || config.repeat == 0 || config.requests == 0 {
+    if config.concurrency.is_empty()
+        || config.repeat == 0
+        || config.requests == 0
+        || config.io.is_empty()
+    {
         return Err(crate::cli::usage(
             "a sweep needs at least one concurrency level, one repetition and one request",
         ));
@@ -210,22 +224,30 @@ pub fn run(config: &SweepConfig) -> io::Result<Sweep> {
 pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Result<Sweep> {
     validate(config)?;
     let machine = Machine::probe();
-    let lab = if config.targets.is_empty() {
-        Some(Lab::start(&config.ports, &config.placement).map_err(|e| {
-            io::Error::new(
-                e.kind(),
-                format!(
-                    "{e}\n(to measure servers that are already running, pass them with --target NAME=HOST:PORT)"
-                ),
-            )
-        })?)
+    let mut labs = Vec::new();
+    if config.targets.is_empty() {
+        for (i, &io) in config.io.iter().enumerate() {
+            let ports = if i == 0 {
+                config.ports.clone()
+            } else {
+                Ports::beside()
+            };
+            labs.push(Lab::start(&ports, &config.placement, io).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!(
+                        "{e}\n(to measure servers that are already running, pass them with --target NAME=HOST:PORT)"
+                    ),
+                )
+            })?);
+        }
+    }
+    let targets = if labs.is_empty() {
+        config.targets.clone()
     } else {
-        None
+        interleave(&labs, &config.placement)
     };
-    let targets = match &lab {
-        Some(lab) => lab.targets(&config.placement),
-        None => config.targets.clone(),
-    };
+    let drivers = driver_descriptions(&labs, config.io[0])?;
     eprintln!(
         "ringlab sweep: placement: {}",
         describe_placement(
@@ -254,6 +276,8 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
         concurrency: config.concurrency.clone(),
         cells: Vec::new(),
         planned_runs: planned,
+        io: config.io.clone(),
+        drivers,
     };
     record.started(&sweep)?;
     let progress = Progress::new(planned);
@@ -266,16 +290,44 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
             time_limit: None,
             timeout: config.timeout,
             cpus: target.client_cpus.iter().copied().map(Some).collect(),
+            io: config.io[0],
             stop: Some(config.stop.clone()),
         })
         .map_err(|e| io::Error::new(e.kind(), format!("target {}: {e}", target.name)))
     };
     sweep.status = measure(config, &targets, &mut sweep, record, &progress, &bench);
     progress.finish();
-    if let Some(lab) = lab {
+    for lab in labs {
         lab.stop();
     }
     Ok(sweep)
+}
+
+/// The labs' targets, role by role (every driver's balancer, then every driver's direct
+/// server, then the threaded server), so a driver's cells sit beside the other's.
+fn interleave(labs: &[Lab], placement: &Placement) -> Vec<NamedTarget> {
+    let suffix = labs.len() > 1;
+    let per_lab: Vec<Vec<NamedTarget>> =
+        labs.iter().map(|l| l.targets(placement, suffix)).collect();
+    let roles = per_lab.iter().map(Vec::len).max().unwrap_or(0);
+    (0..roles)
+        .flat_map(|role| per_lab.iter().filter_map(move |t| t.get(role).cloned()))
+        .collect()
+}
+
+/// How each driver was set up: read off the labs' executors, or (measuring `--target`s, where
+/// only the client runs here) off a probe executor with the client's driver.
+fn driver_descriptions(labs: &[Lab], client: IoMode) -> io::Result<Vec<String>> {
+    if !labs.is_empty() {
+        return Ok(labs
+            .iter()
+            .map(|l| format!("{}: {}", l.io, l.driver))
+            .collect());
+    }
+    let probe = crate::io::placement::spawn_pinned("io-probe", None, client, || async {})?;
+    let described = format!("{client}: {} (the client)", probe.driver);
+    probe.join()?;
+    Ok(vec![described])
 }
 
 /// The matrix itself: warm-up, then every repetition of every cell, targets interleaved.

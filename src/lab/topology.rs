@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 
 use serde::Serialize;
 
+use crate::io::driver::IoMode;
 use crate::io::listen;
 use crate::io::placement::{self, Executor};
 use crate::io::shutdown::Shutdown;
@@ -22,8 +23,8 @@ pub struct Ports {
     pub lb: u16,
     /// The direct async backend.
     pub direct: u16,
-    /// The thread-per-connection server.
-    pub threaded: u16,
+    /// The thread-per-connection server (`None`: not started).
+    pub threaded: Option<u16>,
 }
 
 impl Ports {
@@ -33,7 +34,7 @@ impl Ports {
             backends: vec![9002, 9003, 9004, 9005],
             lb: 44444,
             direct: 45000,
-            threaded: 46000,
+            threaded: Some(46000),
         }
     }
 
@@ -43,7 +44,16 @@ impl Ports {
             backends: vec![0; 4],
             lb: 0,
             direct: 0,
-            threaded: 0,
+            threaded: Some(0),
+        }
+    }
+
+    /// Free ports for a second lab beside the first, without a threaded server (it has no
+    /// socket driver, so one is enough).
+    pub fn beside() -> Ports {
+        Ports {
+            threaded: None,
+            ..Ports::ephemeral()
         }
     }
 }
@@ -114,6 +124,8 @@ pub struct NamedTarget {
     pub description: String,
     /// The client's CPUs for this target.
     pub client_cpus: Vec<usize>,
+    /// The socket driver the target runs on, when the sweep started it.
+    pub io: Option<IoMode>,
 }
 
 /// The running in-process lab.
@@ -124,8 +136,12 @@ pub struct Lab {
     pub backends: Vec<SocketAddr>,
     /// The direct async server.
     pub direct: SocketAddr,
-    /// The threaded server.
-    pub threaded: SocketAddr,
+    /// The threaded server, if started.
+    pub threaded: Option<SocketAddr>,
+    /// The socket driver of the glommio servers.
+    pub io: IoMode,
+    /// How that driver was set up (the kernel's accepted ring flags, say).
+    pub driver: String,
     shutdown: Shutdown,
     backend_ex: Option<Executor<io::Result<Vec<ListenerStats>>>>,
     direct_ex: Option<Executor<io::Result<Vec<ListenerStats>>>>,
@@ -135,8 +151,8 @@ pub struct Lab {
 
 impl Lab {
     /// Binds every port first (so a port in use fails before anything starts), then starts the
-    /// servers on `placement`.
-    pub fn start(ports: &Ports, placement: &Placement) -> io::Result<Lab> {
+    /// servers on `placement`, their sockets on the `io` driver.
+    pub fn start(ports: &Ports, placement: &Placement, io: IoMode) -> io::Result<Lab> {
         placement.check()?;
         let host = [127, 0, 0, 1];
         let addr = |p: u16| SocketAddr::from((host, p));
@@ -147,7 +163,10 @@ impl Lab {
             .collect::<io::Result<Vec<_>>>()?;
         let lb_listeners = listen::bind_shared(addr(ports.lb), placement.lb.len())?;
         let direct_listener = listen::bind_one(addr(ports.direct))?;
-        let threaded_listener = listen::bind_one(addr(ports.threaded))?;
+        let threaded_listener = ports
+            .threaded
+            .map(|p| listen::bind_one(addr(p)))
+            .transpose()?;
 
         let backends = backend_listeners
             .iter()
@@ -155,7 +174,10 @@ impl Lab {
             .collect::<io::Result<Vec<_>>>()?;
         let lb = lb_listeners[0].local_addr()?;
         let direct = direct_listener.local_addr()?;
-        let threaded_addr = threaded_listener.local_addr()?;
+        let threaded_addr = threaded_listener
+            .as_ref()
+            .map(|l| l.local_addr())
+            .transpose()?;
 
         let shutdown = Shutdown::new();
         let mut lab = Lab {
@@ -163,6 +185,8 @@ impl Lab {
             backends: backends.clone(),
             direct,
             threaded: threaded_addr,
+            io,
+            driver: String::new(),
             shutdown: shutdown.clone(),
             backend_ex: None,
             direct_ex: None,
@@ -171,66 +195,95 @@ impl Lab {
         };
         // On any failure below, dropping `lab` stops what did start.
         let server_cpu = Some(placement.servers);
-        lab.backend_ex = Some(backend::spawn(
+        let server_config = BackendConfig {
+            io,
+            ..BackendConfig::default()
+        };
+        let backend_ex = backend::spawn(
             backend_listeners,
             server_cpu,
-            BackendConfig::default(),
+            server_config.clone(),
             shutdown.clone(),
-        )?);
+        )?;
+        lab.driver = backend_ex.driver.clone();
+        lab.backend_ex = Some(backend_ex);
         lab.direct_ex = Some(backend::spawn(
             vec![direct_listener],
             server_cpu,
-            BackendConfig::default(),
+            server_config,
             shutdown.clone(),
         )?);
         let lb_cpus: Vec<Option<usize>> = placement.lb.iter().copied().map(Some).collect();
         lab.lb_ex = balancer::spawn(
             lb_listeners,
             &lb_cpus,
-            BalancerConfig::new(backends),
+            BalancerConfig {
+                io,
+                ..BalancerConfig::new(backends)
+            },
             shutdown.clone(),
         )?;
-        let stopper = shutdown.clone();
-        let cpu = placement.servers;
-        lab.threaded_thread = Some(
-            std::thread::Builder::new()
-                .name("threaded-accept".into())
-                .spawn(move || {
-                    // Connection threads inherit this affinity, so the threaded server gets the
-                    // same core as the async servers: a like-for-like comparison.
-                    placement::pin_current_thread(cpu)?;
-                    threaded::serve(threaded_listener, BackendConfig::default(), stopper)
-                })?,
-        );
+        if let Some(threaded_listener) = threaded_listener {
+            let stopper = shutdown.clone();
+            let cpu = placement.servers;
+            lab.threaded_thread = Some(
+                std::thread::Builder::new()
+                    .name("threaded-accept".into())
+                    .spawn(move || {
+                        // Connection threads inherit this affinity, so the threaded server gets
+                        // the same core as the async servers: a like-for-like comparison.
+                        placement::pin_current_thread(cpu)?;
+                        threaded::serve(threaded_listener, BackendConfig::default(), stopper)
+                    })?,
+            );
+        }
         Ok(lab)
     }
 
-    /// The three measured targets, in the lab's order, with their client placement.
-    pub fn targets(&self, placement: &Placement) -> Vec<NamedTarget> {
+    /// The measured targets, in the lab's order, with their client placement. With `suffix`
+    /// (several labs side by side, one per driver) the names carry the driver: `lb-uring`.
+    pub fn targets(&self, placement: &Placement, suffix: bool) -> Vec<NamedTarget> {
         let backends: Vec<String> = self.backends.iter().map(|a| a.port().to_string()).collect();
-        vec![
+        let name = |base: &str| {
+            if suffix {
+                format!("{base}-{}", self.io)
+            } else {
+                base.to_string()
+            }
+        };
+        let mut targets = vec![
             NamedTarget {
-                name: "lb".into(),
+                name: name("lb"),
                 addr: self.lb,
                 description: format!(
-                    "ringlab lb, round robin over backends on ports {}",
+                    "ringlab lb ({} sockets), round robin over backends on ports {}",
+                    self.io,
                     backends.join(", ")
                 ),
                 client_cpus: placement.lb_client.clone(),
+                io: Some(self.io),
             },
             NamedTarget {
-                name: "direct".into(),
+                name: name("direct"),
                 addr: self.direct,
-                description: "ringlab backend, hit directly (one glommio executor)".into(),
+                description: format!(
+                    "ringlab backend ({} sockets), hit directly (one glommio executor)",
+                    self.io
+                ),
                 client_cpus: placement.client.clone(),
+                io: Some(self.io),
             },
-            NamedTarget {
+        ];
+        if let Some(addr) = self.threaded {
+            targets.push(NamedTarget {
                 name: "threaded".into(),
-                addr: self.threaded,
+                addr,
                 description: "ringlab threaded, one OS thread per connection".into(),
                 client_cpus: placement.client.clone(),
-            },
-        ]
+                io: None,
+            });
+        }
+        targets
     }
 
     /// Stops everything gracefully and waits for it.

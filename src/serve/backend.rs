@@ -13,9 +13,10 @@ use glommio::sync::Gate;
 use crate::io::accept;
 use crate::io::conn::Conn;
 use crate::io::deadline::{Deadline, Deadlines};
+use crate::io::driver::{self, IoMode};
 use crate::io::placement::{self, Executor};
-use crate::io::readiness;
 use crate::io::shutdown::{LocalStop, Shutdown};
+use crate::io::time;
 use crate::serve::http::{self, HeadError, Kind, Reply, Responses};
 
 /// How a backend treats its clients.
@@ -30,6 +31,8 @@ pub struct BackendConfig {
     pub drain_timeout: Duration,
     /// Connections served at once; past it, accepting pauses and clients wait in the backlog.
     pub max_conns: usize,
+    /// The executor's socket driver.
+    pub io: IoMode,
 }
 
 impl Default for BackendConfig {
@@ -39,6 +42,7 @@ impl Default for BackendConfig {
             head_timeout: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(10),
             max_conns: crate::io::limits::default_max_conns(1),
+            io: IoMode::default(),
         }
     }
 }
@@ -111,7 +115,9 @@ pub fn spawn(
         Some(cpu) => format!("backend-cpu{cpu}"),
         None => "backend".to_string(),
     };
-    placement::spawn_pinned(&name, cpu, move || serve(listeners, config, shutdown))
+    placement::spawn_pinned(&name, cpu, config.io, move || {
+        serve(listeners, config, shutdown)
+    })
 }
 
 /// Serves every listener on the current glommio executor until `shutdown` trips, then drains
@@ -134,7 +140,7 @@ pub async fn serve(
         contexts.push(ctx.clone());
         let (stop, gate, config) = (stop.clone(), gate.clone(), config.clone());
         let (deadlines, limit) = (deadlines.clone(), limit.clone());
-        loops.push(readiness::spawn_local(async move {
+        loops.push(driver::spawn_local(async move {
             let accepted = accept::run(listener, &stop, &limit, |conn, slot| {
                 // The gate only refuses once closed, which happens after every loop ended.
                 let served = serve_connection(
@@ -150,13 +156,13 @@ pub async fn serve(
             ctx.stats.borrow_mut().connections = accepted;
         }));
     }
-    let dates = readiness::spawn_local(refresh_dates(contexts.clone(), stop.clone()));
-    let ticker = readiness::spawn_local(deadlines.clone().run(stop.clone()));
+    let dates = driver::spawn_local(refresh_dates(contexts.clone(), stop.clone()));
+    let ticker = driver::spawn_local(deadlines.clone().run(stop.clone()));
     for task in loops {
         task.await;
     }
     let drained = future::or(async { gate.close().await.is_ok() }, async {
-        glommio::timer::sleep(config.drain_timeout).await;
+        time::sleep(config.drain_timeout).await;
         false
     })
     .await;
@@ -178,7 +184,7 @@ async fn refresh_dates(contexts: Vec<Rc<Listener>>, stop: LocalStop) {
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let to_next = Duration::from_nanos(1_000_000_000 - u64::from(now.subsec_nanos()));
-        glommio::timer::sleep(to_next).await;
+        time::sleep(to_next).await;
         let date = http::now_fixdate();
         for ctx in &contexts {
             *ctx.responses.borrow_mut() = Rc::new(Responses::new(&ctx.id, &date));
@@ -204,20 +210,13 @@ async fn serve_connection(
 ) {
     // Declared after `conn`, so it is dropped (deregistered) before the socket closes.
     let deadline = deadlines.arm([conn.fd(), -1], libc::SHUT_RD, config.head_timeout);
-    let mut buf = vec![0u8; config.max_head];
-    let mut filled = 0usize;
+    // Reads append to it; its length is what has arrived. Not zeroed: nothing reads past it.
+    let mut buf = Vec::with_capacity(config.max_head);
+    // The response goes out from here (an io_uring send owns its bytes while the kernel sends).
+    let mut out = Vec::with_capacity(256);
     let mut first = true;
     loop {
-        let read = read_head(
-            &conn,
-            &mut buf,
-            &mut filled,
-            first,
-            &config,
-            &deadline,
-            &stop,
-        )
-        .await;
+        let read = read_head(&conn, &mut buf, first, &config, &deadline, &stop).await;
         first = false;
         let responses = ctx.responses.borrow().clone();
         let parsed = match read {
@@ -225,12 +224,9 @@ async fn serve_connection(
             Read::Refused(err) => Err(err),
             Read::TimedOut(partial) => {
                 ctx.stats.borrow_mut().timed_out += 1;
-                if partial
-                    && conn
-                        .write_all_and_finish(responses.get(Kind::Timeout))
-                        .await
-                        .is_ok()
-                {
+                out.clear();
+                out.extend_from_slice(responses.get(Kind::Timeout));
+                if partial && conn.write_all_and_finish(&mut out).await.is_ok() {
                     linger_close(&conn, &deadline).await;
                 }
                 return;
@@ -241,12 +237,14 @@ async fn serve_connection(
             kind,
             consumed,
             linger,
-        } = Reply::to(parsed, filled, stop.is_stopped());
+        } = Reply::to(parsed, buf.len(), stop.is_stopped());
+        out.clear();
+        out.extend_from_slice(responses.get(kind));
         // A closing response carries the FIN in its last segment.
         let sent = if kind.closes() {
-            conn.write_all_and_finish(responses.get(kind)).await
+            conn.write_all_and_finish(&mut out).await
         } else {
-            conn.write_all(responses.get(kind)).await
+            conn.write_all(&mut out).await
         };
         ctx.count(kind);
         if sent.is_err() {
@@ -258,19 +256,17 @@ async fn serve_connection(
             }
             return;
         }
-        buf.copy_within(consumed..filled, 0);
-        filled -= consumed;
+        buf.drain(..consumed);
         // The next request gets a full head timeout of its own.
         deadline.extend();
     }
 }
 
-/// Reads until `buf[..filled]` holds a complete head, the head is refused, or the deadline passes
-/// (the deadline shuts the read side down, so the read returns end-of-file).
+/// Reads until `buf` holds a complete head, the head is refused, or the deadline passes (the
+/// deadline shuts the read side down, so the read returns end-of-file).
 async fn read_head(
     conn: &Conn,
-    buf: &mut [u8],
-    filled: &mut usize,
+    buf: &mut Vec<u8>,
     first: bool,
     config: &BackendConfig,
     deadline: &Deadline,
@@ -278,16 +274,16 @@ async fn read_head(
 ) -> Read {
     let mut scanned = 0;
     loop {
-        match http::parse_request_head(&buf[..*filled], scanned, config.max_head) {
+        match http::parse_request_head(buf, scanned, config.max_head) {
             Ok(Some(head)) => return Read::Head(head),
             Err(err) => return Read::Refused(err),
-            Ok(None) => scanned = *filled,
+            Ok(None) => scanned = buf.len(),
         }
-        let n = if *filled == 0 && !first {
+        let n = if buf.is_empty() && !first {
             // Between keep-alive requests: a stopping server closes idle connections at once
             // instead of waiting out their timeout. A connection's first request is always
             // served, so connections drained from the backlog during a stop still get answers.
-            let read = async { Some(conn.read(&mut buf[..]).await) };
+            let read = async { Some(conn.read(buf).await) };
             let stopped = async {
                 stop.stopped().await;
                 None
@@ -297,11 +293,11 @@ async fn read_head(
                 None => return Read::Gone,
             }
         } else {
-            conn.read(&mut buf[*filled..]).await
+            conn.read(buf).await
         };
         match n {
-            Ok(n) if n > 0 && !deadline.fired() => *filled += n,
-            _ if deadline.fired() => return Read::TimedOut(*filled > 0),
+            Ok(n) if n > 0 && !deadline.fired() => {}
+            _ if deadline.fired() => return Read::TimedOut(!buf.is_empty()),
             _ => return Read::Gone,
         }
     }
@@ -312,10 +308,10 @@ async fn read_head(
 /// the client has not read.
 async fn linger_close(conn: &Conn, deadline: &Deadline) {
     deadline.extend_by(http::LINGER);
-    // On the heap: an array here would make every connection's future (moved on each spawn) 4 KiB larger.
-    let mut sink = vec![0u8; 4096];
+    let mut sink = Vec::with_capacity(4096);
     let mut seen = 0;
     while seen < http::LINGER_BYTES {
+        sink.clear();
         match conn.read(&mut sink).await {
             Ok(0) | Err(_) => return,
             Ok(n) => seen += n,

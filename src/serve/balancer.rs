@@ -17,9 +17,10 @@ use glommio::sync::Gate;
 use crate::io::accept;
 use crate::io::conn::{self, Conn};
 use crate::io::deadline::{self, Deadline, Deadlines};
+use crate::io::driver::{self, IoMode};
 use crate::io::placement::{self, Executor};
-use crate::io::readiness;
 use crate::io::shutdown::{LocalStop, Shutdown};
+use crate::io::time;
 use crate::serve::health::{Health, HealthPolicy};
 
 /// How the balancer connects, relays and stops.
@@ -50,6 +51,8 @@ pub struct BalancerConfig {
     pub retry_unanswered: Option<usize>,
     /// Client connections served at once per executor; past it, accepting pauses.
     pub max_conns: usize,
+    /// The executors' socket driver.
+    pub io: IoMode,
 }
 
 impl BalancerConfig {
@@ -69,6 +72,7 @@ impl BalancerConfig {
             health_interval: None,
             retry_unanswered: None,
             max_conns: crate::io::limits::default_max_conns(2),
+            io: IoMode::default(),
         }
     }
 }
@@ -177,7 +181,7 @@ pub fn spawn(
         let (config, stopper, health) = (config.clone(), shutdown.clone(), health.clone());
         // One executor probes for all: the table is shared.
         let probe = i == 0;
-        match placement::spawn_pinned(&name, cpu, move || async move {
+        match placement::spawn_pinned(&name, cpu, config.io, move || async move {
             let mut report = serve(listener, config, health, probe, stopper).await?;
             report.cpu = cpu;
             Ok(report)
@@ -252,9 +256,9 @@ pub async fn serve(
         loop_guard: loop_guard(listening, &config.backends),
         config,
     });
-    let ticker = readiness::spawn_local(shared.deadlines.clone().run(stop.clone()));
+    let ticker = driver::spawn_local(shared.deadlines.clone().run(stop.clone()));
     let prober = match (probe, shared.config.health_interval) {
-        (true, Some(every)) => Some(readiness::spawn_local(probe_backends(
+        (true, Some(every)) => Some(driver::spawn_local(probe_backends(
             shared.clone(),
             every,
             stop.clone(),
@@ -270,7 +274,7 @@ pub async fn serve(
     // One close, kept across both waits: a gate may only be closed once.
     let mut closing = std::pin::pin!(gate.close());
     let drained = future::or(async { (&mut closing).await.is_ok() }, async {
-        glommio::timer::sleep(shared.config.drain_timeout).await;
+        time::sleep(shared.config.drain_timeout).await;
         false
     })
     .await;
@@ -282,7 +286,7 @@ pub async fn serve(
         // Reset, not closed: a client whose answer is cut off must not read a clean end.
         shared.deadlines.expire_all();
         future::or(async { (&mut closing).await.is_ok() }, async {
-            glommio::timer::sleep(Duration::from_millis(100)).await;
+            time::sleep(Duration::from_millis(100)).await;
             false
         })
         .await;
@@ -315,7 +319,7 @@ async fn probe_backends(shared: Rc<Shared>, every: Duration, stop: LocalStop) {
         let stopped = async {
             stop.stopped().await;
         };
-        future::or(glommio::timer::sleep(every), stopped).await;
+        future::or(time::sleep(every), stopped).await;
     }
 }
 
@@ -341,11 +345,11 @@ async fn proxy(client: Conn, shared: Rc<Shared>) {
         };
         if let Some(replay) = &replay {
             // A copy, so no borrow is held across the write (this is the rare replay path).
-            let (bytes, client_done) = {
+            let (mut bytes, client_done) = {
                 let r = replay.borrow();
                 (r.bytes.clone(), r.client_done)
             };
-            if !bytes.is_empty() && server.write_all(&bytes).await.is_err() {
+            if !bytes.is_empty() && server.write_all(&mut bytes).await.is_err() {
                 unanswered(&shared, idx);
                 continue;
             }
@@ -728,11 +732,12 @@ fn poll_pump(
 /// its way down. So the client's further bytes are read and dropped until the client finishes
 /// (bounded by the pair's half-closed timeout), the way a server's lingering close does; closing
 /// at once would reset the client and could destroy the answer before the client reads it.
-async fn pump_up(pair: &Pair<'_>, buf: &mut [u8], replay: Option<&RefCell<Replay>>) -> Flow {
+async fn pump_up(pair: &Pair<'_>, buf: &mut Vec<u8>, replay: Option<&RefCell<Replay>>) -> Flow {
     let (from, to) = (pair.client, pair.server);
     let mut discarding = false;
     loop {
-        let n = match from.read(buf).await {
+        buf.clear();
+        match from.read(buf).await {
             Ok(0) => {
                 if let Some(r) = replay {
                     r.borrow_mut().client_done = true;
@@ -742,19 +747,19 @@ async fn pump_up(pair: &Pair<'_>, buf: &mut [u8], replay: Option<&RefCell<Replay
                 }
                 return Flow::Done;
             }
-            Ok(n) => n,
+            Ok(_) => {}
             Err(_) => return Flow::Aborted(Abort::Client),
-        };
+        }
         if discarding {
             continue;
         }
         pair.deadline.extend();
         let retrying = replay.is_some_and(|r| {
             let mut r = r.borrow_mut();
-            r.keep(&buf[..n]);
+            r.keep(buf);
             r.may_retry()
         });
-        if to.write_all(&buf[..n]).await.is_err() {
+        if to.write_all(buf).await.is_err() {
             if retrying {
                 // Only the backend's side: the client stays open for the replay, and the
                 // backend pump sees the end and reports it unanswered.
@@ -767,16 +772,17 @@ async fn pump_up(pair: &Pair<'_>, buf: &mut [u8], replay: Option<&RefCell<Replay
             pair.half_closed();
             continue;
         }
-        pair.up.set(pair.up.get() + n as u64);
+        pair.up.set(pair.up.get() + buf.len() as u64);
     }
 }
 
 /// Backend → client. A backend that ends before its first byte while a replay is possible is
 /// reported unanswered instead of passing the end on to the client; a backend that resets is
 /// an abort, passed on to the client as a reset.
-async fn pump_down(pair: &Pair<'_>, buf: &mut [u8], replay: Option<&RefCell<Replay>>) -> Flow {
+async fn pump_down(pair: &Pair<'_>, buf: &mut Vec<u8>, replay: Option<&RefCell<Replay>>) -> Flow {
     let (from, to) = (pair.server, pair.client);
     loop {
+        buf.clear();
         let read = from.read(buf).await;
         // Unanswered means the backend went away first: a backend that closes after the client
         // has finished sending (a connect-and-close probe, a half-closed request it refused)
@@ -790,20 +796,21 @@ async fn pump_down(pair: &Pair<'_>, buf: &mut [u8], replay: Option<&RefCell<Repl
         {
             return Flow::Unanswered;
         }
-        let n = match read {
+        match read {
             Ok(0) => {
                 if pair.finish_one() {
                     let _ = to.shutdown_write();
                 }
                 return Flow::Done;
             }
-            Ok(n) => n,
+            Ok(_) => {}
             Err(_) => return Flow::Aborted(Abort::Backend),
-        };
+        }
         // A backend that answers and closes usually has its FIN queued behind the answer
-        // already (the read knows it from EPOLLRDHUP); passing both on together puts them in
-        // one segment to the client.
-        let end = from.eof_pending();
+        // already; passing both on together puts them in one segment to the client. (The epoll
+        // driver knows it from EPOLLRDHUP; the uring driver asks with a recv that does not
+        // wait.)
+        let end = buf.len() < buf.capacity() && matches!(from.read_now(buf).await, Ok(Some(0)));
         if pair.down.get() == 0 {
             if let Some(r) = replay {
                 let mut r = r.borrow_mut();
@@ -813,16 +820,16 @@ async fn pump_down(pair: &Pair<'_>, buf: &mut [u8], replay: Option<&RefCell<Repl
         }
         pair.deadline.extend();
         let written = if end && pair.finish_one() {
-            to.write_all_and_finish(&buf[..n]).await
+            to.write_all_and_finish(buf).await
         } else {
-            to.write_all(&buf[..n]).await
+            to.write_all(buf).await
         };
         if written.is_err() {
             // The client is gone mid-answer: the backend learns it by a reset, as it would
             // have directly.
             return Flow::Aborted(Abort::Client);
         }
-        pair.down.set(pair.down.get() + n as u64);
+        pair.down.set(pair.down.get() + buf.len() as u64);
         if end {
             return Flow::Done;
         }
@@ -832,7 +839,7 @@ async fn pump_down(pair: &Pair<'_>, buf: &mut [u8], replay: Option<&RefCell<Repl
 /// Recycles relay buffers so a new pair does not allocate.
 struct BufferPool {
     size: usize,
-    free: RefCell<Vec<Box<[u8]>>>,
+    free: RefCell<Vec<Vec<u8>>>,
 }
 
 impl BufferPool {
@@ -846,16 +853,17 @@ impl BufferPool {
         }
     }
 
-    fn take(&self) -> Box<[u8]> {
+    fn take(&self) -> Vec<u8> {
         self.free
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| vec![0u8; self.size].into_boxed_slice())
+            .unwrap_or_else(|| Vec::with_capacity(self.size))
     }
 
-    fn give(&self, buf: Box<[u8]>) {
+    /// Takes a buffer back (one an aborted operation kept is replaced by an empty one: dropped).
+    fn give(&self, buf: Vec<u8>) {
         let mut free = self.free.borrow_mut();
-        if free.len() < Self::KEEP {
+        if free.len() < Self::KEEP && buf.capacity() >= self.size {
             free.push(buf);
         }
     }

@@ -6,12 +6,58 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
+use ringlab::io::driver::IoMode;
 use ringlab::io::listen;
 use ringlab::io::placement::Executor;
 use ringlab::io::shutdown::Shutdown;
 use ringlab::lab::client::{BenchConfig, Target};
 use ringlab::serve::backend::{self, BackendConfig, ListenerStats};
 use ringlab::serve::balancer::{self, BalancerConfig, BalancerReport};
+
+thread_local! {
+    /// The socket driver of the test running on this thread (see [`both_drivers`]).
+    static DRIVER: std::cell::Cell<IoMode> = const { std::cell::Cell::new(IoMode::Uring) };
+}
+
+/// Runs `test` with `io` as the driver of every server and client the helpers here start.
+pub fn with_driver(io: IoMode, test: impl FnOnce()) {
+    DRIVER.with(|d| d.set(io));
+    test();
+}
+
+/// The driver of the running test.
+pub fn driver() -> IoMode {
+    DRIVER.with(|d| d.get())
+}
+
+/// `--io DRIVER` for a `ringlab` child process, the running test's driver.
+pub fn io_flag() -> [String; 2] {
+    ["--io".to_string(), driver().to_string()]
+}
+
+/// Turns one test into two, `NAME::uring` and `NAME::epoll`, each running the body with that
+/// socket driver: a driver that loses a byte, leaks a descriptor or stalls a drain fails.
+macro_rules! both_drivers {
+    ($(#[$meta:meta])* fn $name:ident() $body:block) => {
+        $(#[$meta])*
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            fn body() $body
+
+            #[test]
+            fn uring() {
+                $crate::common::with_driver(ringlab::io::driver::IoMode::Uring, body);
+            }
+
+            #[test]
+            fn epoll() {
+                $crate::common::with_driver(ringlab::io::driver::IoMode::Epoll, body);
+            }
+        }
+    };
+}
 
 /// A running in-process server; dropping it stops it.
 pub struct Running<T> {
@@ -69,8 +115,12 @@ pub fn backend(n: usize) -> Running<Vec<ListenerStats>> {
     backend_with(n, BackendConfig::default())
 }
 
-/// `n` listeners on one backend executor with a given configuration.
+/// `n` listeners on one backend executor with a given configuration (on the test's driver).
 pub fn backend_with(n: usize, config: BackendConfig) -> Running<Vec<ListenerStats>> {
+    let config = BackendConfig {
+        io: driver(),
+        ..config
+    };
     let listeners: Vec<_> = (0..n)
         .map(|_| listen::bind_one(loopback()).unwrap())
         .collect();
@@ -89,8 +139,12 @@ pub fn balancer(backends: &[SocketAddr]) -> Running<BalancerReport> {
     balancer_with(BalancerConfig::new(backends.to_vec()), 1)
 }
 
-/// A balancer with `executors` executors sharing the port.
+/// A balancer with `executors` executors sharing the port (on the test's driver).
 pub fn balancer_with(config: BalancerConfig, executors: usize) -> Running<BalancerReport> {
+    let config = BalancerConfig {
+        io: driver(),
+        ..config
+    };
     let listeners = listen::bind_shared(loopback(), executors).unwrap();
     let addr = listeners[0].local_addr().unwrap();
     let shutdown = Shutdown::new();
@@ -159,6 +213,7 @@ pub fn bench_config(addr: SocketAddr, requests: u64, concurrency: usize) -> Benc
         time_limit: None,
         timeout: Duration::from_secs(10),
         cpus: vec![None],
+        io: driver(),
         stop: None,
     }
 }
