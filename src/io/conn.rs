@@ -124,6 +124,21 @@ impl Conn {
         self.shutdown_write()
     }
 
+    /// Writes all of `buf` with the FIN riding on its last segment, like
+    /// [`Conn::write_all_and_finish`], and closes the connection. On the uring driver the send
+    /// and the close are one chain queued at once and the caller does not wait for either (the
+    /// result is `Ok` unless queuing failed); use it when nothing would be done differently if
+    /// the send failed, and nothing more is to be read (a close with unread bytes resets).
+    pub async fn write_all_and_close(self, buf: &mut Vec<u8>) -> io::Result<()> {
+        match &self.inner {
+            Inner::Epoll(_) => self.write_all_and_finish(buf).await,
+            Inner::Uring(socket) => {
+                socket.send_and_close(std::mem::take(buf));
+                Ok(())
+            }
+        }
+    }
+
     /// Records that nothing can be readable yet (a connection that has not sent its first
     /// request), so the first read waits for an event instead of calling `recv` for `EAGAIN`.
     pub fn expect_nothing_yet(&self) {

@@ -240,6 +240,14 @@ async fn serve_connection(
         } = Reply::to(parsed, buf.len(), stop.is_stopped());
         out.clear();
         out.extend_from_slice(responses.get(kind));
+        if kind.closes() && !linger {
+            // The common lab request: answer, FIN in the same segment, close; nothing more to
+            // read. The deadline goes first: it names the descriptor, which the close frees.
+            ctx.count(kind);
+            drop(deadline);
+            let _ = conn.write_all_and_close(&mut out).await;
+            return;
+        }
         // A closing response carries the FIN in its last segment.
         let sent = if kind.closes() {
             conn.write_all_and_finish(&mut out).await

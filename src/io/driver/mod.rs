@@ -222,6 +222,10 @@ async fn collect(driver: Rc<Driver>) {
     let mut deferred = false;
     loop {
         if EXITING.with(Cell::get) {
+            // Operations queued last (a final answer with its close) still go out.
+            if let Kind::Uring(ring) = &driver.kind {
+                ring.settle();
+            }
             return;
         }
         let others_ran = polls() != seen;

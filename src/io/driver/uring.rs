@@ -87,6 +87,10 @@ pub(crate) enum Keep {
     Read(Vec<u8>, Rc<Socket>),
     /// A send's buffer.
     Send(Vec<u8>, Rc<Socket>),
+    /// The last bytes of a connection handed over to be sent and closed.
+    Last {
+        _buf: Vec<u8>,
+    },
     /// A connect's address (only the kernel reads it).
     Connect {
         _addr: Box<(libc::sockaddr_storage, libc::socklen_t)>,
@@ -100,7 +104,7 @@ impl Keep {
     fn socket(&self) -> Option<&Rc<Socket>> {
         match self {
             Keep::Read(_, s) | Keep::Send(_, s) | Keep::Connect { socket: s, .. } => Some(s),
-            Keep::Nothing | Keep::Accepts => None,
+            Keep::Nothing | Keep::Accepts | Keep::Last { .. } => None,
         }
     }
 }
@@ -206,9 +210,10 @@ impl Ring {
         keep
     }
 
-    /// Queues an operation whose completion nobody waits for.
+    /// Queues an operation whose completion nobody waits for. It posts a completion only if it
+    /// fails (`CQE_SKIP_SUCCESS`), so a close never ends a sleep for nothing.
     fn fire_and_forget(&self, entry: squeue::Entry) {
-        self.push(entry.user_data(IGNORE));
+        self.push(entry.user_data(IGNORE).flags(squeue::Flags::SKIP_SUCCESS));
     }
 
     /// One round: submits what was queued and reaps what completed, waiting up to `timeout`
@@ -263,6 +268,31 @@ impl Ring {
             }
         }
         Ok(self.reap(wake))
+    }
+
+    /// Submits what is queued and waits (up to a second) for operations nobody waits for any
+    /// more (closes, the sends chained to them) to finish: the executor is exiting, and what a
+    /// task handed over must still happen.
+    pub(crate) fn settle(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(1);
+        let mut wake = Vec::new();
+        while std::time::Instant::now() < deadline {
+            let unfinished = self.slots.borrow().iter().any(|slot| {
+                matches!(slot.state, State::Orphaned(_)) && !matches!(slot.keep, Keep::Accepts)
+            });
+            let queued = !self.ring.borrow_mut().submission().is_empty();
+            if !unfinished && !queued {
+                return;
+            }
+            if self
+                .turn(Some(Duration::from_millis(10)), &mut wake)
+                .is_err()
+            {
+                return;
+            }
+            // Nobody is left to run the tasks these wake.
+            wake.clear();
+        }
     }
 
     /// Hands every completion to its slot; returns how many there were.
@@ -444,6 +474,8 @@ pub(crate) struct Socket {
     /// An error a [`Socket::read_now`] met, for the next read: the kernel reports a socket's
     /// error once, so a probe that dropped it would turn a reset into a clean end.
     error: Cell<Option<i32>>,
+    /// Its close is queued already ([`Socket::send_and_close`]).
+    closed: Cell<bool>,
 }
 
 impl Socket {
@@ -456,6 +488,7 @@ impl Socket {
             leftover: RefCell::new(None),
             at_eof: Cell::new(false),
             error: Cell::new(None),
+            closed: Cell::new(false),
         })
     }
 
@@ -621,6 +654,9 @@ impl Socket {
     /// Closes the socket through the ring (after cancelling operations it still has in flight:
     /// a pending operation holds the socket open, so close alone would leave it forever).
     pub(crate) fn close(&self) {
+        if self.closed.replace(true) {
+            return;
+        }
         if !self.driver.collecting() {
             // SAFETY: the descriptor is ours and closed once.
             unsafe { libc::close(self.fd) };
@@ -639,6 +675,31 @@ impl Socket {
 }
 
 impl Socket {
+    /// Sends `buf` and closes the socket, as one chain queued at once: `send(MSG_MORE |
+    /// MSG_WAITALL)` hard-linked to `close`. The close merges the FIN into the send's corked
+    /// last segment (one packet for data and end-of-file, as `shutdown` after `MSG_MORE` does),
+    /// and the task that answered is done without waiting a round for the send's completion
+    /// or making a `shutdown(2)`. What the send did is not reported: for a closing response
+    /// nothing would be done differently. The buffer is freed when the close completes (a chain
+    /// runs in order, so the send is over by then).
+    pub(crate) fn send_and_close(&self, buf: Vec<u8>) {
+        if !self.driver.collecting() || self.orphans.get() > 0 || self.closed.get() {
+            // Not the common case: no ring to chain on, or operations to cancel first.
+            self.close();
+            return;
+        }
+        self.closed.set(true);
+        let ring = ring_of(&self.driver);
+        let send = opcode::Send::new(types::Fd(self.fd), buf.as_ptr(), buf.len() as u32)
+            .flags(libc::MSG_MORE | libc::MSG_WAITALL | libc::MSG_NOSIGNAL)
+            .build()
+            .user_data(IGNORE)
+            .flags(squeue::Flags::IO_HARDLINK | squeue::Flags::SKIP_SUCCESS);
+        ring.push(send);
+        let close = opcode::Close::new(types::Fd(self.fd)).build();
+        ring.start(close, Keep::Last { _buf: buf }, State::Orphaned(None));
+    }
+
     /// Connects this (new) socket to `addr` through the ring: `Ok(())` once connected.
     pub(crate) async fn connect(self: &Rc<Self>, addr: &socket2::SockAddr) -> io::Result<()> {
         // SAFETY: an all-zero sockaddr_storage is a valid (unspecified) address.
