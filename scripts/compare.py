@@ -1,16 +1,18 @@
 #!/usr/bin/env python3
-"""Side-by-side comparison, in one run: ringlab lb against HAProxy (mode tcp, roundrobin) and nginx
-stream in front of the same ringlab backends, with the same cores each (1 and 2), the same client
-and alternating rounds (A B C A B C ...) so drift on a shared machine hits all alike; ringlab
-backend against nginx serving the same tiny response; and ringlab bench against ab and wrk as
-clients of nginx.
+"""Side-by-side comparison, in one run: ringlab lb on each socket driver (io_uring, epoll) against
+HAProxy (mode tcp, roundrobin) and nginx stream in front of the same ringlab backends, with the
+same cores each (1 and 2), the same client and alternating rounds (A B C D A B C D ...) so drift on
+a shared machine hits all alike; ringlab backend on each driver against nginx serving the same tiny
+response; and ringlab bench (on each driver) against ab and wrk as clients of nginx.
 
 Reported per server: req/s, p50/p99 latency, CPU time per request (user + system of the server's
-processes, from /proc/<pid>/task/*/stat before and after each round) and reschedule IPIs per
+processes, from /proc/<pid>/task/*/stat before and after each round), system calls and
+io_uring_enter calls per request (perf stat on the server's processes), and reschedule IPIs per
 request on the server's cores (/proc/interrupts). Per client: req/s and the client's own CPU per
 request. Medians over the rounds; every round is kept in compare.json.
 
-Usage: scripts/compare.sh [--rounds 5] [--requests 50000] [--low-requests 10000] [--quick]
+Usage: scripts/compare.sh [--rounds 5] [--requests 50000] [--low-requests 10000]
+                          [--concurrency 50,200,1000] [--quick]
 Writes results/<UTC date-time>-compare/{README.md,compare.json}. Needs haproxy, nginx with the
 stream module, wrk and ab (the wrapper installs them with apt-get when run as root).
 
@@ -37,11 +39,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "ringlab")
 HZ = os.sysconf("SC_CLK_TCK")
 BACKENDS = [9002, 9003, 9004, 9005]
-PORTS = {"ringlab-lb": 44444, "haproxy": 44445, "nginx-stream": 44446,
-         "ringlab-backend": 45000, "nginx": 45001}
-RESERVED = "9002-9005,44444-44446,45000-45001"
+PORTS = {"ringlab-lb-uring": 44444, "ringlab-lb-epoll": 44447, "haproxy": 44445, "nginx-stream": 44446,
+         "ringlab-backend-uring": 45000, "ringlab-backend-epoll": 45002, "nginx": 45001}
+RESERVED = "9002-9005,44444-44447,45000-45002"
+DRIVERS = ["uring", "epoll"]
 
 started = []  # (name, Popen) of everything this script started, stopped at exit by pid
+PERF_OUT = os.path.join(tempfile.gettempdir(), f"ringlab-compare-{os.getpid()}.perf")
 
 
 def stop_all():
@@ -116,14 +120,28 @@ def bench(port, n, c, client_cpus):
 
 def measure_server(name, port, pids, n, c, client_cpus, server_cpus):
     a, ia = cpu_ticks(pids), resched_ipis()
+    # System calls of the server's processes while the bench runs (all threads, io-wq included).
+    perf = subprocess.Popen(["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter,syscalls:sys_enter_io_uring_enter",
+                             "-p", ",".join(map(str, pids)), "-o", PERF_OUT],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.1)
     d = bench(port, n, c, client_cpus)
+    perf.send_signal(signal.SIGINT)
+    perf.wait()
     b, ib = cpu_ticks(pids), resched_ipis()
+    counts = {}
+    for line in open(PERF_OUT):
+        f = line.strip().split(",")
+        if len(f) > 2 and f[0].isdigit():
+            counts[f[2]] = int(f[0])
     done = max(1, d["complete"])
     ipis = sum(ib[i] - ia[i] for i in server_cpus)
     return {"name": name, "concurrency": c, "requests": d["complete"], "failed": d["failed_total"],
             "req_per_sec": d["requests_per_sec"], "time_per_request_ms": d["time_per_request_ms"],
             "p50_us": d["latency_us"]["p50"], "p99_us": d["latency_us"]["p99"],
-            "cpu_us_per_req": (b - a) / HZ * 1e6 / done, "ipis_per_req": ipis / done}
+            "cpu_us_per_req": (b - a) / HZ * 1e6 / done, "ipis_per_req": ipis / done,
+            "syscalls_per_req": counts.get("raw_syscalls:sys_enter", 0) / done,
+            "uring_enter_per_req": counts.get("syscalls:sys_enter_io_uring_enter", 0) / done}
 
 
 def run_client(name, argv):
@@ -137,9 +155,10 @@ def run_client(name, argv):
 def measure_client(name, port, n, c, cpu, wrk_secs):
     url = f"http://127.0.0.1:{port}/"
     pin = ["taskset", "-c", str(cpu)]
-    if name == "ringlab-bench":
+    if name.startswith("ringlab-bench"):
+        io = "epoll" if name.endswith("epoll") else "uring"
         out, t = run_client(name, [BIN, "bench", "-n", str(n), "-c", str(c), "--cpus", str(cpu),
-                                   "--format", "json", url])
+                                   "--io", io, "--format", "json", url])
         d = json.loads(out.stdout)
         done, rate, failed = d["complete"], d["requests_per_sec"], d["failed_total"]
     elif name == "ab":
@@ -240,7 +259,8 @@ def main():
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--requests", type=int, default=50000, help="per round at c=50")
     ap.add_argument("--low-requests", type=int, default=10000, help="per cell at c=1..5")
-    ap.add_argument("--concurrency", type=int, default=50)
+    ap.add_argument("--concurrency", default="50,200,1000",
+                    help="concurrency levels for the balancer and direct tables")
     ap.add_argument("--quick", action="store_true", help="tiny run to check the script works")
     ap.add_argument("--out", default=os.path.join(ROOT, "results"))
     ap.add_argument("--aborts", action="store_true", help="measure how aborts are passed on instead")
@@ -248,8 +268,10 @@ def main():
     args = ap.parse_args()
     if args.aborts:
         return aborts(args)
+    args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
     if args.quick:
         args.rounds, args.requests, args.low_requests = 1, 2000, 500
+        args.concurrency = [args.concurrency[0]]
     for tool in ["haproxy", "nginx", "wrk", "ab", "taskset"]:
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is missing: apt-get install -y haproxy nginx libnginx-mod-stream wrk apache2-utils")
@@ -278,13 +300,16 @@ def main():
     for p in BACKENDS:
         wait_port(p)
 
-    results = {"machine": machine(), "balancers": {}, "low_concurrency": [], "direct": [], "clients": []}
+    results = {"machine": machine(), "concurrency": args.concurrency, "balancers": {},
+               "low_concurrency": [], "direct": [], "direct_low": [], "clients": []}
     for cores in sorted({1, min(2, ncpu)}):
         lb_cpus = list(range(cores)) if cores > 1 else [0]
         client_cpu = str(last)
         servers = {}
-        servers["ringlab-lb"] = start(f"ringlab-lb-{cores}", [BIN, "lb", "--listen", str(PORTS["ringlab-lb"]),
-                                      "--cpus", ",".join(map(str, lb_cpus))] + sum((["--backend", str(p)] for p in BACKENDS), []), log_dir=tmp)
+        for io in DRIVERS:
+            name = f"ringlab-lb-{io}"
+            servers[name] = start(f"{name}-{cores}", [BIN, "lb", "--io", io, "--listen", str(PORTS[name]),
+                                  "--cpus", ",".join(map(str, lb_cpus))] + sum((["--backend", str(p)] for p in BACKENDS), []), log_dir=tmp)
         haproxy_cfg(f"{tmp}/haproxy-{cores}.cfg", cores, PORTS["haproxy"])
         servers["haproxy"] = start(f"haproxy-{cores}", ["haproxy", "-f", f"{tmp}/haproxy-{cores}.cfg"], log_dir=tmp)
         nginx_conf(f"{tmp}/nginx-stream-{cores}.conf", tmp, cores, stream_port=PORTS["nginx-stream"])
@@ -293,12 +318,14 @@ def main():
             wait_port(PORTS[name])
         time.sleep(0.5)
         rows = []
-        for r in range(args.rounds):
-            for name, proc in servers.items():
-                rows.append(measure_server(name, PORTS[name], pids_of(proc), args.requests, args.concurrency,
-                                           client_cpu, lb_cpus) | {"round": r})
-                print(f"[{cores} core(s)] round {r + 1}: {name} {rows[-1]['req_per_sec']:.0f} req/s, "
-                      f"{rows[-1]['cpu_us_per_req']:.1f} us CPU/req", flush=True)
+        for c in args.concurrency:
+            for r in range(args.rounds):
+                for name, proc in servers.items():
+                    rows.append(measure_server(name, PORTS[name], pids_of(proc), args.requests, c,
+                                               client_cpu, lb_cpus) | {"round": r})
+                    print(f"[{cores} core(s), c={c}] round {r + 1}: {name} {rows[-1]['req_per_sec']:.0f} req/s, "
+                          f"{rows[-1]['cpu_us_per_req']:.1f} us CPU/req, {rows[-1]['syscalls_per_req']:.2f} syscalls/req",
+                          flush=True)
         results["balancers"][str(cores)] = rows
         if cores == 1:
             for r in range(max(1, args.rounds // 2)):
@@ -312,19 +339,28 @@ def main():
         started[:] = [s for s in started if s[1].poll() is None]
 
     # Direct servers: the server on the last CPU, the client on the first.
-    direct = {"ringlab-backend": start("ringlab-backend", [BIN, "backend", "--listen", str(PORTS["ringlab-backend"]), "--cpu", str(last)], log_dir=tmp)}
+    direct = {}
+    for io in DRIVERS:
+        name = f"ringlab-backend-{io}"
+        direct[name] = start(name, [BIN, "backend", "--io", io, "--listen", str(PORTS[name]), "--cpu", str(last)], log_dir=tmp)
     nginx_conf(f"{tmp}/nginx-http.conf", tmp, 1, http_port=PORTS["nginx"], cpu_mask=format(1 << last, "b"))
     direct["nginx"] = start("nginx-http", ["nginx", "-c", f"{tmp}/nginx-http.conf"], log_dir=tmp)
     for name in direct:
         wait_port(PORTS[name])
-    for r in range(args.rounds):
-        for name, proc in direct.items():
-            results["direct"].append(measure_server(name, PORTS[name], pids_of(proc), args.requests, args.concurrency, "0", [last]) | {"round": r})
+    for c in args.concurrency:
+        for r in range(args.rounds):
+            for name, proc in direct.items():
+                results["direct"].append(measure_server(name, PORTS[name], pids_of(proc), args.requests, c, "0", [last]) | {"round": r})
+    for r in range(max(1, args.rounds // 2)):
+        for c in range(1, 6):
+            for name, proc in direct.items():
+                results["direct_low"].append(measure_server(name, PORTS[name], pids_of(proc), args.low_requests, c, "0", [last]) | {"round": r})
     # Clients against nginx, each pinned to the first CPU.
     wrk_secs = max(1, round(args.requests / 15000))
+    c0 = args.concurrency[0]
     for r in range(args.rounds):
-        for name in ["ringlab-bench", "ab", "wrk"]:
-            results["clients"].append(measure_client(name, PORTS["nginx"], args.requests, args.concurrency, 0, wrk_secs) | {"round": r})
+        for name in ["ringlab-bench-uring", "ringlab-bench-epoll", "ab", "wrk"]:
+            results["clients"].append(measure_client(name, PORTS["nginx"], args.requests, c0, 0, wrk_secs) | {"round": r})
     stop_all()
     write(results, args)
 
@@ -335,54 +371,98 @@ def write(res, args):
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "compare.json"), "w") as f:
         json.dump(res, f, indent=2)
-    keys = ["req_per_sec", "cpu_us_per_req", "p50_us", "p99_us", "ipis_per_req", "time_per_request_ms"]
+    keys = ["req_per_sec", "cpu_us_per_req", "p50_us", "p99_us", "ipis_per_req", "time_per_request_ms",
+            "syscalls_per_req", "uring_enter_per_req"]
 
     def summarize(rows, group):
         names = list(dict.fromkeys(r["name"] for r in rows))
         return [dict(name=n, **medians([r for r in rows if r["name"] == n], group)) for n in names]
 
-    o = [f"# ringlab vs HAProxy and nginx, {m['started_utc']}\n",
+    def at(rows, c):
+        return [r for r in rows if r.get("concurrency") == c]
+
+    levels = res.get("concurrency") or [50]
+    o = [f"# ringlab vs HAProxy and nginx, io_uring and epoll, {m['started_utc']}\n",
          "| | |\n| --- | --- |",
          f"| Machine | {m['cpu_model']}, {m['cpus']} CPUs |", f"| Kernel | {m['kernel']} |",
          f"| ringlab | {m['ringlab']} |",
          f"| Peers | {m['haproxy']}; {m['nginx']}; {m['wrk']} |",
          f"| Command | `{m['command']}` |",
-         f"| Method | {args.rounds} alternating rounds (A B C A B C …), medians with [min–max]; "
-         f"{args.requests} requests per round at c={args.concurrency}, a new connection per request; "
-         "CPU is user+system of the server's processes per request; IPIs are reschedule interrupts "
-         "on the server's cores per request |\n"]
+         f"| Method | {args.rounds} alternating rounds (A B C D A B C D …), medians with [min–max]; "
+         f"{args.requests} requests per round at each concurrency, a new connection per request "
+         "(`ringlab bench`, closed loop); CPU is user+system of the server's processes per request; "
+         "system calls and io_uring_enter per request from `perf stat` on the server's processes; "
+         "IPIs are reschedule interrupts on the server's cores per request |\n"]
     rate = lambda r: f"{r['req_per_sec']:.0f} [{r['req_per_sec_min']:.0f}–{r['req_per_sec_max']:.0f}]"
     cpu = lambda r: f"{r['cpu_us_per_req']:.1f} [{r['cpu_us_per_req_min']:.1f}–{r['cpu_us_per_req_max']:.1f}]"
+    cols = [("server", lambda r: r["name"]), ("req/s", rate), ("p50 µs", lambda r: f"{r['p50_us']:.0f}"),
+            ("p99 µs", lambda r: f"{r['p99_us']:.0f}"), ("CPU µs/request", cpu),
+            ("syscalls/request", lambda r: f"{r['syscalls_per_req']:.2f}"),
+            ("io_uring_enter/request", lambda r: f"{r['uring_enter_per_req']:.2f}"),
+            ("IPIs/request", lambda r: f"{r['ipis_per_req']:.2f}")]
+
+    def ratios(s, ours, theirs):
+        a = next(x for x in s if x["name"] == ours)
+        b = next(x for x in s if x["name"] == theirs)
+        return a["req_per_sec"] / b["req_per_sec"], a["cpu_us_per_req"] / b["cpu_us_per_req"]
+
+    summary = ["## Summary: ratios, medians of the same run\n",
+               "| comparison | c | req/s ratio | CPU/request ratio |", "| --- | ---: | ---: | ---: |"]
     for cores, rows in res["balancers"].items():
-        s = summarize(rows, keys)
-        best = max((x for x in s if x["name"] != "ringlab-lb"), key=lambda x: x["req_per_sec"])
-        lb = next(x for x in s if x["name"] == "ringlab-lb")
-        o.append(f"## Balancers on {cores} core(s), c={args.concurrency}\n")
-        o.append(f"Placement: balancer on CPU {'0' if cores == '1' else '0-1'}; backends and client on the last CPU.\n")
-        o.append(fmt_table(s, [("balancer", lambda r: r["name"]), ("req/s", rate), ("p50 µs", lambda r: f"{r['p50_us']:.0f}"),
-                               ("p99 µs", lambda r: f"{r['p99_us']:.0f}"), ("CPU µs/request", cpu),
-                               ("IPIs/request", lambda r: f"{r['ipis_per_req']:.2f}")]))
-        o.append(f"\nringlab lb / best peer ({best['name']}): **{lb['req_per_sec'] / best['req_per_sec']:.2f}×** req/s "
-                 f"(target ≥ 1.10), **{lb['cpu_us_per_req'] / min(x['cpu_us_per_req'] for x in s if x['name'] != 'ringlab-lb'):.2f}×** "
-                 "the lower peer CPU per request (target ≤ 0.80).\n")
+        o.append(f"## Balancers on {cores} core(s)\n")
+        o.append(f"Placement: balancer on CPU {'0' if cores == '1' else '0-1'}; backends (`ringlab backend`, "
+                 "io_uring) and client on the last CPU.\n")
+        for c in levels:
+            s = summarize(at(rows, c), keys)
+            if not s:
+                continue
+            o.append(f"### c={c}\n")
+            o.append(fmt_table(s, cols))
+            o.append("")
+            rr, cr = ratios(s, "ringlab-lb-uring", "ringlab-lb-epoll")
+            summary.append(f"| lb io_uring / lb epoll, {cores} core(s) | {c} | {rr:.2f}× | {cr:.2f}× |")
+            peers = [x for x in s if not x["name"].startswith("ringlab")]
+            best = max(peers, key=lambda x: x["req_per_sec"])
+            lb = next(x for x in s if x["name"] == "ringlab-lb-uring")
+            summary.append(f"| lb io_uring / best peer ({best['name']}), {cores} core(s) | {c} | "
+                           f"{lb['req_per_sec'] / best['req_per_sec']:.2f}× | "
+                           f"{lb['cpu_us_per_req'] / best['cpu_us_per_req']:.2f}× |")
     if res["low_concurrency"]:
         o.append("## Time per request through each balancer at c=1..5 (1 core, ms, median)\n")
         names = list(dict.fromkeys(r["name"] for r in res["low_concurrency"]))
-        o.append("| c | " + " | ".join(names) + " |\n| ---: |" + " ---: |" * len(names))
+        o.append("| c | " + " | ".join(names) + " | lb io_uring / epoll |\n| ---: |" + " ---: |" * (len(names) + 1))
         for c in range(1, 6):
-            cells = []
-            for n in names:
-                v = [r["time_per_request_ms"] for r in res["low_concurrency"] if r["name"] == n and r["concurrency"] == c]
-                cells.append(f"{statistics.median(v):.3f}")
-            o.append(f"| {c} | " + " | ".join(cells) + " |")
+            med = {n: statistics.median(r["time_per_request_ms"] for r in res["low_concurrency"]
+                                        if r["name"] == n and r["concurrency"] == c) for n in names}
+            o.append(f"| {c} | " + " | ".join(f"{med[n]:.3f}" for n in names)
+                     + f" | {med['ringlab-lb-uring'] / med['ringlab-lb-epoll']:.2f}× |")
         o.append("")
-    s = summarize(res["direct"], keys)
-    o.append(f"## Direct servers, c={args.concurrency} (server on the last CPU, client on CPU 0)\n")
-    o.append(fmt_table(s, [("server", lambda r: r["name"]), ("req/s", rate), ("p99 µs", lambda r: f"{r['p99_us']:.0f}"),
-                           ("CPU µs/request", cpu), ("IPIs/request", lambda r: f"{r['ipis_per_req']:.2f}")]))
+    o.append("## Direct servers (server on the last CPU, client on CPU 0)\n")
+    for c in levels:
+        s = summarize(at(res["direct"], c), keys)
+        if not s:
+            continue
+        o.append(f"### c={c}\n")
+        o.append(fmt_table(s, cols))
+        o.append("")
+        rr, cr = ratios(s, "ringlab-backend-uring", "ringlab-backend-epoll")
+        summary.append(f"| backend io_uring / backend epoll | {c} | {rr:.2f}× | {cr:.2f}× |")
+        rr, cr = ratios(s, "ringlab-backend-uring", "nginx")
+        summary.append(f"| backend io_uring / nginx | {c} | {rr:.2f}× | {cr:.2f}× |")
+    if res.get("direct_low"):
+        o.append("## Time per request from each direct server at c=1..5 (ms, median)\n")
+        names = list(dict.fromkeys(r["name"] for r in res["direct_low"]))
+        o.append("| c | " + " | ".join(names) + " | backend io_uring / epoll |\n| ---: |" + " ---: |" * (len(names) + 1))
+        for c in range(1, 6):
+            med = {n: statistics.median(r["time_per_request_ms"] for r in res["direct_low"]
+                                        if r["name"] == n and r["concurrency"] == c) for n in names}
+            o.append(f"| {c} | " + " | ".join(f"{med[n]:.3f}" for n in names)
+                     + f" | {med['ringlab-backend-uring'] / med['ringlab-backend-epoll']:.2f}× |")
+        o.append("")
     s = summarize(res["clients"], ["req_per_sec", "cpu_us_per_req"])
-    o.append(f"\n## Clients against nginx, c={args.concurrency}, pinned to CPU 0\n")
+    o.append(f"## Clients against nginx, c={levels[0]}, pinned to CPU 0\n")
     o.append(fmt_table(s, [("client", lambda r: r["name"]), ("req/s", rate), ("client CPU µs/request", cpu)]))
+    o = o[:8] + summary + [""] + o[8:]
     o.append("\n`compare.json` holds every round.\n")
     with open(os.path.join(folder, "README.md"), "w") as f:
         f.write("\n".join(o))

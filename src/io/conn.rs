@@ -90,15 +90,17 @@ impl Conn {
         }
     }
 
-    /// Reads what is already there without waiting for more: `Some(0)` when the peer's
-    /// end-of-file is next, `Some(n)` for `n` bytes appended, `None` when nothing is known to be
-    /// queued. An error is never returned here but by the next [`Conn::read`], so a probe cannot
-    /// turn a reset into an end. (The epoll driver answers from the `EPOLLRDHUP` it saw, with
-    /// no system call.)
-    pub async fn read_now(&self, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    /// Reads like [`Conn::read`], and says whether the peer's end-of-file is known to come
+    /// right after what was read (its FIN was queued behind the data): a relay can then pass
+    /// both on in one segment. The epoll driver knows it from `EPOLLRDHUP`, with no extra call;
+    /// the uring driver links a one-byte peek to the read.
+    pub async fn read_probing(&self, buf: &mut Vec<u8>) -> io::Result<(usize, bool)> {
         match &self.inner {
-            Inner::Epoll(c) => Ok(c.at_eof.get().then_some(0)),
-            Inner::Uring(s) => s.read_now(buf).await,
+            Inner::Epoll(c) => {
+                let n = c.read(buf).await?;
+                Ok((n, n == 0 || c.at_eof.get()))
+            }
+            Inner::Uring(s) => s.read_probing(buf).await,
         }
     }
 

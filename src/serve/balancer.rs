@@ -338,10 +338,38 @@ async fn proxy(client: Conn, shared: Rc<Shared>) {
         .retry_unanswered
         .map(|cap| RefCell::new(Replay::new(cap)));
     loop {
-        let Some((idx, server)) = connect_next(&shared, &mut next, &mut tries_left).await else {
+        // The client's first bytes are read while the backend connect is in flight (on io_uring
+        // the read and the connect go out in one submission, a round saved). The relay takes the
+        // read over as it stands: it never waits for the client to speak before relaying, so a
+        // protocol whose server speaks first passes too.
+        let buf = shared.buffers.take();
+        let conn = &client;
+        let mut reading = std::pin::pin!(async move {
+            let mut buf = buf;
+            let read = conn.read(&mut buf).await;
+            (read, buf)
+        });
+        let mut read_early = None;
+        let connected = {
+            let mut connecting = std::pin::pin!(connect_next(&shared, &mut next, &mut tries_left));
+            poll_fn(|cx| {
+                if read_early.is_none() {
+                    if let Poll::Ready(done) = reading.as_mut().poll(cx) {
+                        read_early = Some(done);
+                    }
+                }
+                connecting.as_mut().poll(cx)
+            })
+            .await
+        };
+        let Some((idx, server)) = connected else {
             // Dropping the client closes it at once: no backend means no hang.
             shared.unserved.set(shared.unserved.get() + 1);
             return;
+        };
+        let first = match read_early {
+            Some((read, buf)) => First::Read(read, buf),
+            None => First::Reading(reading),
         };
         if let Some(replay) = &replay {
             // A copy, so no borrow is held across the write (this is the rare replay path).
@@ -358,7 +386,7 @@ async fn proxy(client: Conn, shared: Rc<Shared>) {
             }
         }
         shared.counters.borrow_mut()[idx].connections += 1;
-        let end = relay(&client, server, &shared, replay.as_ref()).await;
+        let end = relay(&client, server, &shared, replay.as_ref(), first).await;
         let mut counters = shared.counters.borrow_mut();
         counters[idx].bytes_up += end.up;
         counters[idx].bytes_down += end.down;
@@ -548,6 +576,13 @@ enum Abort {
     Expired,
 }
 
+/// The client's first read, started while the backend connect was in flight: done, or still
+/// going (then the relay goes on waiting for it, never for the client before relaying).
+enum First<'a> {
+    Read(io::Result<usize>, Vec<u8>),
+    Reading(std::pin::Pin<&'a mut dyn Future<Output = (io::Result<usize>, Vec<u8>)>>),
+}
+
 /// What one direction's pump reports when it stops.
 enum Flow {
     /// The sending side finished cleanly (its FIN was passed on).
@@ -602,6 +637,7 @@ async fn relay(
     server: Conn,
     shared: &Shared,
     replay: Option<&RefCell<Replay>>,
+    first: First<'_>,
 ) -> RelayEnd {
     let pair = Pair {
         client,
@@ -618,10 +654,11 @@ async fn relay(
         down: Cell::new(0),
         fin_timeout: shared.config.fin_timeout.min(shared.config.idle_timeout),
     };
-    let mut up_buf = shared.buffers.take();
+    // The client's buffer comes with its first read.
+    let mut up_buf = Vec::new();
     let mut down_buf = shared.buffers.take();
     let end = {
-        let up = pump_up(&pair, &mut up_buf, replay);
+        let up = pump_up(&pair, &mut up_buf, replay, first);
         let down = pump_down(&pair, &mut down_buf, replay);
         settle(up, down, pair.deadline.expired()).await
     };
@@ -732,12 +769,32 @@ fn poll_pump(
 /// its way down. So the client's further bytes are read and dropped until the client finishes
 /// (bounded by the pair's half-closed timeout), the way a server's lingering close does; closing
 /// at once would reset the client and could destroy the answer before the client reads it.
-async fn pump_up(pair: &Pair<'_>, buf: &mut Vec<u8>, replay: Option<&RefCell<Replay>>) -> Flow {
+async fn pump_up(
+    pair: &Pair<'_>,
+    buf: &mut Vec<u8>,
+    replay: Option<&RefCell<Replay>>,
+    first: First<'_>,
+) -> Flow {
     let (from, to) = (pair.client, pair.server);
     let mut discarding = false;
+    let mut first = Some(first);
     loop {
-        buf.clear();
-        match from.read(buf).await {
+        let read = match first.take() {
+            Some(First::Read(read, early)) => {
+                *buf = early;
+                read
+            }
+            Some(First::Reading(reading)) => {
+                let (read, early) = reading.await;
+                *buf = early;
+                read
+            }
+            None => {
+                buf.clear();
+                from.read(buf).await
+            }
+        };
+        match read {
             Ok(0) => {
                 if let Some(r) = replay {
                     r.borrow_mut().client_done = true;
@@ -783,7 +840,11 @@ async fn pump_down(pair: &Pair<'_>, buf: &mut Vec<u8>, replay: Option<&RefCell<R
     let (from, to) = (pair.server, pair.client);
     loop {
         buf.clear();
-        let read = from.read(buf).await;
+        // Whether the backend's FIN is queued behind the answer comes with the read: passing
+        // both on together puts them in one segment to the client.
+        let read = from.read_probing(buf).await;
+        let end = matches!(read, Ok((n, true)) if n > 0);
+        let read = read.map(|(n, _)| n);
         // Unanswered means the backend went away first: a backend that closes after the client
         // has finished sending (a connect-and-close probe, a half-closed request it refused)
         // ended a complete exchange, and is not replayed.
@@ -806,11 +867,6 @@ async fn pump_down(pair: &Pair<'_>, buf: &mut Vec<u8>, replay: Option<&RefCell<R
             Ok(_) => {}
             Err(_) => return Flow::Aborted(Abort::Backend),
         }
-        // A backend that answers and closes usually has its FIN queued behind the answer
-        // already; passing both on together puts them in one segment to the client. (The epoll
-        // driver knows it from EPOLLRDHUP; the uring driver asks with a recv that does not
-        // wait.)
-        let end = buf.len() < buf.capacity() && matches!(from.read_now(buf).await, Ok(Some(0)));
         if pair.down.get() == 0 {
             if let Some(r) = replay {
                 let mut r = r.borrow_mut();
@@ -860,10 +916,12 @@ impl BufferPool {
             .unwrap_or_else(|| Vec::with_capacity(self.size))
     }
 
-    /// Takes a buffer back (one an aborted operation kept is replaced by an empty one: dropped).
-    fn give(&self, buf: Vec<u8>) {
+    /// Takes a buffer back, emptied (one an aborted operation kept is replaced by an empty one
+    /// without capacity: dropped).
+    fn give(&self, mut buf: Vec<u8>) {
         let mut free = self.free.borrow_mut();
         if free.len() < Self::KEEP && buf.capacity() >= self.size {
+            buf.clear();
             free.push(buf);
         }
     }

@@ -87,6 +87,8 @@ pub(crate) enum Keep {
     Read(Vec<u8>, Rc<Socket>),
     /// A send's buffer.
     Send(Vec<u8>, Rc<Socket>),
+    /// A peek's one byte lives in the socket, which this keeps alive.
+    Peek(Rc<Socket>),
     /// The last bytes of a connection handed over to be sent and closed.
     Last {
         _buf: Vec<u8>,
@@ -103,7 +105,10 @@ pub(crate) enum Keep {
 impl Keep {
     fn socket(&self) -> Option<&Rc<Socket>> {
         match self {
-            Keep::Read(_, s) | Keep::Send(_, s) | Keep::Connect { socket: s, .. } => Some(s),
+            Keep::Read(_, s)
+            | Keep::Send(_, s)
+            | Keep::Peek(s)
+            | Keep::Connect { socket: s, .. } => Some(s),
             Keep::Nothing | Keep::Accepts | Keep::Last { .. } => None,
         }
     }
@@ -471,11 +476,13 @@ pub(crate) struct Socket {
     leftover: RefCell<Option<(Vec<u8>, usize, usize)>>,
     /// A read found end-of-file.
     at_eof: Cell<bool>,
-    /// An error a [`Socket::read_now`] met, for the next read: the kernel reports a socket's
-    /// error once, so a probe that dropped it would turn a reset into a clean end.
+    /// An error a peek (see [`Socket::read_probing`]) met, for the next read: the kernel reports
+    /// a socket's error once, so a probe that dropped it would turn a reset into a clean end.
     error: Cell<Option<i32>>,
     /// Its close is queued already ([`Socket::send_and_close`]).
     closed: Cell<bool>,
+    /// Where a peek's one byte goes (see [`Socket::read_probing`]); only the kernel writes it.
+    peek: std::cell::UnsafeCell<[u8; 1]>,
 }
 
 impl Socket {
@@ -489,6 +496,7 @@ impl Socket {
             at_eof: Cell::new(false),
             error: Cell::new(None),
             closed: Cell::new(false),
+            peek: std::cell::UnsafeCell::new([0]),
         })
     }
 
@@ -567,31 +575,71 @@ impl Socket {
         self.recv(buf, 0).await
     }
 
-    /// Reads what is there without waiting: `Some(0)` at end-of-file, `Some(n)` for bytes
-    /// appended, `None` when nothing is queued now (or an error came, which the next read
-    /// returns).
-    pub(crate) async fn read_now(self: &Rc<Self>, buf: &mut Vec<u8>) -> io::Result<Option<usize>> {
+    /// Reads like [`Socket::read`], and says whether the peer's end-of-file is queued right
+    /// behind what was read. The read is linked to a one-byte `MSG_PEEK | MSG_DONTWAIT` receive
+    /// that runs as soon as the read completes, so both answers arrive in the same round (a
+    /// second, separate probe would cost the relay a round per answer). A peek consumes
+    /// nothing, but the kernel reports a socket's error once: one the peek meets is kept for the
+    /// next read, so it can never turn a reset into a clean end.
+    pub(crate) async fn read_probing(
+        self: &Rc<Self>,
+        buf: &mut Vec<u8>,
+    ) -> io::Result<(usize, bool)> {
         if buf.capacity() == buf.len() {
-            return Ok(None);
+            return Ok((0, false));
         }
-        if self.orphan_read.get().is_some() {
-            return Ok(None);
-        }
+        self.orphan_gone().await;
         if let Some(n) = self.take_leftover(buf) {
-            return Ok(Some(n));
+            return Ok((n, false));
+        }
+        if let Some(errno) = self.error.take() {
+            return Err(io::Error::from_raw_os_error(errno));
         }
         if self.at_eof.get() {
-            return Ok(Some(0));
+            return Ok((0, true));
         }
-        match self.recv(buf, libc::MSG_DONTWAIT).await {
-            Ok(n) => Ok(Some(n)),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(None),
-            Err(e) => {
-                // Not the caller's to handle here: the next read reports it.
-                self.error.set(e.raw_os_error());
-                Ok(None)
+        let mut owned = std::mem::take(buf);
+        let (len, room) = (owned.len(), owned.capacity() - owned.len());
+        // SAFETY: as in `recv`: the slot keeps `owned` alive and unmoved until the completion.
+        let ptr = unsafe { owned.as_mut_ptr().add(len) };
+        let read = opcode::Recv::new(types::Fd(self.fd), ptr, room.min(u32::MAX as usize) as u32)
+            .build()
+            .flags(squeue::Flags::IO_LINK);
+        let read = Op::start(&self.driver, read, Keep::Read(owned, self.clone()));
+        // Queued right behind the read, so the link joins these two.
+        let peek = opcode::Recv::new(types::Fd(self.fd), self.peek.get().cast::<u8>(), 1)
+            .flags(libc::MSG_PEEK | libc::MSG_DONTWAIT)
+            .build();
+        let peek = Op::start(&self.driver, peek, Keep::Peek(self.clone()));
+        let (result, keep) = read.await;
+        let Keep::Read(mut owned, _) = keep else {
+            unreachable!("a read keeps its buffer");
+        };
+        if result >= 0 {
+            // SAFETY: the kernel wrote `result` bytes into the spare capacity.
+            unsafe { owned.set_len(len + result as usize) };
+        }
+        *buf = owned;
+        let (peeked, _) = peek.await;
+        if result < 0 {
+            return Err(io::Error::from_raw_os_error(-result));
+        }
+        if result == 0 {
+            self.at_eof.set(true);
+            return Ok((0, true));
+        }
+        let eof_next = match peeked {
+            0 => {
+                self.at_eof.set(true);
+                true
             }
-        }
+            e if e < 0 && e != -libc::EAGAIN && e != -libc::ECANCELED => {
+                self.error.set(Some(-e));
+                false
+            }
+            _ => false,
+        };
+        Ok((result as usize, eof_next))
     }
 
     async fn recv(self: &Rc<Self>, buf: &mut Vec<u8>, flags: i32) -> io::Result<usize> {
