@@ -356,11 +356,13 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(bad)
 }
 
-/// Parses `500ms`, `2s`, `1.5s`, `1m` or a bare number of seconds.
+/// Parses `50us`, `500ms`, `2s`, `1.5s`, `1m` or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("'{s}' is not a duration; use e.g. 500ms, 2s, 1.5s or 1m");
+    let bad = || format!("'{s}' is not a duration; use e.g. 50us, 500ms, 2s, 1.5s or 1m");
     let t = s.trim();
-    let (num, scale) = if let Some(n) = t.strip_suffix("ms") {
+    let (num, scale) = if let Some(n) = t.strip_suffix("us").or_else(|| t.strip_suffix("µs")) {
+        (n, 0.000_001)
+    } else if let Some(n) = t.strip_suffix("ms") {
         (n, 0.001)
     } else if let Some(n) = t.strip_suffix('s') {
         (n, 1.0)
@@ -427,6 +429,7 @@ mod tests {
     #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("50us").unwrap(), Duration::from_micros(50));
         assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("2m").unwrap(), Duration::from_secs(120));
         assert_eq!(parse_duration("3").unwrap(), Duration::from_secs(3));
