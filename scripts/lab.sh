@@ -6,7 +6,8 @@
 #
 # Usage: scripts/lab.sh [extra sweep flags, e.g. -n 1000 -c 1-5 --repeat 3 --label handout]
 # Placement (2 CPUs): backends, direct and threaded on the last CPU; the balancer on the first;
-# the client on the first. Override with LB_CPU, SERVER_CPU, CLIENT_CPU.
+# the client on the first. Override with LB_CPU, SERVER_CPU, CLIENT_CPU. Socket driver of the
+# servers, the balancer and the client: IO=uring (default) or IO=epoll.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,7 @@ last_cpu=$(( $(nproc) - 1 ))
 LB_CPU=${LB_CPU:-0}
 SERVER_CPU=${SERVER_CPU:-$last_cpu}
 CLIENT_CPU=${CLIENT_CPU:-0}
+IO=${IO:-uring}
 
 pids=()
 stop_all() {
@@ -37,12 +39,12 @@ start() {
 }
 
 for port in 9002 9003 9004 9005; do
-  start "backend-$port" backend --listen "127.0.0.1:$port" --cpu "$SERVER_CPU"
+  start "backend-$port" backend --listen "127.0.0.1:$port" --cpu "$SERVER_CPU" --io "$IO"
 done
-start lb lb --listen 127.0.0.1:44444 --cpus "$LB_CPU" \
+start lb lb --listen 127.0.0.1:44444 --cpus "$LB_CPU" --io "$IO" \
   --backend 127.0.0.1:9002 --backend 127.0.0.1:9003 \
   --backend 127.0.0.1:9004 --backend 127.0.0.1:9005
-start direct backend --listen 127.0.0.1:45000 --cpu "$SERVER_CPU"
+start direct backend --listen 127.0.0.1:45000 --cpu "$SERVER_CPU" --io "$IO"
 start threaded threaded --listen 127.0.0.1:46000
 
 # Wait until every port answers (or a server died: its log says why).
@@ -62,8 +64,8 @@ done
 
 "$bin" sweep \
   --target lb=127.0.0.1:44444 --target direct=127.0.0.1:45000 --target threaded=127.0.0.1:46000 \
-  --client-cpus "$CLIENT_CPU" --label handout \
-  --note "separate processes: four backends (9002-9005) and direct (45000) on CPU $SERVER_CPU, lb (44444) on CPU $LB_CPU, threaded (46000) unpinned" \
+  --client-cpus "$CLIENT_CPU" --label handout --io "$IO" \
+  --note "separate processes, sockets on $IO: four backends (9002-9005) and direct (45000) on CPU $SERVER_CPU, lb (44444) on CPU $LB_CPU, threaded (46000) unpinned" \
   "$@"
 
 stop_all

@@ -132,6 +132,10 @@ where
     if let Some(cpu) = cpu {
         check_cpu(cpu)?;
     }
+    let on = cpu.map(|c| format!(" on CPU {c}")).unwrap_or_default();
+    if let Err(err) = driver::check_io_uring() {
+        return Err(io::Error::other(executor_failed(&on, &err)));
+    }
     enum Failed {
         Executor(String),
         Driver(String),
@@ -175,19 +179,12 @@ where
     let started = ready_rx
         .recv()
         .unwrap_or_else(|_| Err(Failed::Executor("thread exited".into())));
-    let on = cpu.map(|c| format!(" on CPU {c}")).unwrap_or_default();
     let driver = match started {
         Ok(described) => described,
         Err(failed) => {
             let _ = handle.join();
             return Err(io::Error::other(match failed {
-                Failed::Executor(err) => format!(
-                    "cannot start a glommio executor{on}: {err}. glommio runs on io_uring \
-                     whichever --io driver the sockets use: it needs Linux 5.8 or newer with \
-                     io_uring enabled (sysctl kernel.io_uring_disabled=0; in a container, a \
-                     seccomp profile that allows io_uring_setup) and at least 512 KiB of locked \
-                     memory (`ulimit -l unlimited` or LimitMEMLOCK=infinity)"
-                ),
+                Failed::Executor(err) => executor_failed(&on, &err),
                 Failed::Driver(err) => format!(
                     "cannot set up the io_uring for the sockets{on}: {err}. The uring driver \
                      needs Linux 5.11 or newer with io_uring enabled (sysctl \
@@ -202,6 +199,17 @@ where
         name: name.to_string(),
         driver,
     })
+}
+
+/// The one line for an executor that cannot start (`on` names the CPU, or is empty).
+fn executor_failed(on: &str, err: &str) -> String {
+    format!(
+        "cannot start a glommio executor{on}: {err}. glommio runs on io_uring whichever --io \
+         driver the sockets use: it needs Linux 5.8 or newer with io_uring enabled (sysctl \
+         kernel.io_uring_disabled=0; in a container, a seccomp profile that allows \
+         io_uring_setup) and at least 512 KiB of locked memory (`ulimit -l unlimited` or \
+         LimitMEMLOCK=infinity)"
+    )
 }
 
 /// Pins the calling OS thread to `cpu`; threads it creates afterwards inherit the pinning.

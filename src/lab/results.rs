@@ -151,6 +151,12 @@ fn markdown(s: &Sweep) -> String {
     );
     let _ = writeln!(
         o,
+        "| Socket drivers | {} (the client on {}) |",
+        s.drivers.join("; "),
+        s.io.first().map_or("-".to_string(), |io| io.to_string())
+    );
+    let _ = writeln!(
+        o,
         "| Topology | {} |",
         if s.started_lab {
             "started in-process by the sweep"
@@ -279,6 +285,52 @@ fn summary(o: &mut String, s: &Sweep) {
             match (medians[0], m) {
                 (Some(a), Some(b)) if *b > 0.0 => {
                     let _ = write!(row, " {:.2}× |", a / b);
+                }
+                _ => row.push_str(" – |"),
+            }
+        }
+        let _ = writeln!(o, "{row}");
+    }
+    o.push('\n');
+    drivers_side_by_side(o, s);
+}
+
+/// With several socket drivers, each server's req/s on the first driver against the others,
+/// per concurrency (`lb-uring / lb-epoll`, …).
+fn drivers_side_by_side(o: &mut String, s: &Sweep) {
+    let Some((first, others)) = s.io.split_first() else {
+        return;
+    };
+    if others.is_empty() {
+        return;
+    }
+    let pairs: Vec<(String, String)> = ["lb", "direct"]
+        .iter()
+        .flat_map(|role| {
+            others
+                .iter()
+                .map(move |other| (format!("{role}-{first}"), format!("{role}-{other}")))
+        })
+        .filter(|(a, b)| {
+            s.targets.iter().any(|t| &t.name == a) && s.targets.iter().any(|t| &t.name == b)
+        })
+        .collect();
+    let _ = writeln!(o, "## Socket drivers side by side: req/s ratio (medians)\n");
+    let mut header = String::from("| Concurrency |");
+    for (a, b) in &pairs {
+        let _ = write!(header, " {a} / {b} |");
+    }
+    let _ = writeln!(o, "{header}\n| ---: |{}", " ---: |".repeat(pairs.len()));
+    for &c in &s.concurrency {
+        let mut row = format!("| {c} |");
+        for (a, b) in &pairs {
+            let rate = |t: &str| {
+                s.cell(t, c)
+                    .map(|cell| cell.median_run().requests_per_sec())
+            };
+            match (rate(a), rate(b)) {
+                (Some(x), Some(y)) if y > 0.0 => {
+                    let _ = write!(row, " {:.2}× |", x / y);
                 }
                 _ => row.push_str(" – |"),
             }

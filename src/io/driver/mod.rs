@@ -152,6 +152,23 @@ pub fn set_mode(mode: IoMode) {
     MODE.with(|m| m.set(mode));
 }
 
+/// Checks, once per process, that io_uring can be used at all: glommio (which runs every
+/// executor, whichever driver the sockets use) panics deep inside its executor builder when it
+/// cannot set up a ring or register a probe, so the check comes first and a failure is an error
+/// with the reason, not a panic.
+pub fn check_io_uring() -> Result<(), String> {
+    static CHECKED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    CHECKED
+        .get_or_init(|| {
+            let ring = io_uring::IoUring::new(2).map_err(|e| format!("io_uring_setup: {e}"))?;
+            let mut probe = io_uring::Probe::new();
+            ring.submitter()
+                .register_probe(&mut probe)
+                .map_err(|e| format!("io_uring probe: {e}"))
+        })
+        .clone()
+}
+
 /// Creates the current executor's driver now (so a failure is reported at start-up, not at
 /// the first socket), and returns how it was set up.
 pub fn start() -> io::Result<String> {
