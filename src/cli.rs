@@ -8,6 +8,8 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::io::driver::IoMode;
 use crate::lab::report::Format;
+use crate::serve::balancer::Mode;
+use crate::serve::policy::Policy;
 
 /// ringlab — the networking performance lab on pinned glommio executors.
 ///
@@ -79,14 +81,39 @@ pub struct LbArgs {
     /// Address to accept clients on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:44444", value_parser = parse_addr)]
     pub listen: SocketAddr,
-    /// Backend address, in rotation order; repeat for each backend.
+    /// Backend address, in rotation order, optionally with a weight (ADDR,weight=3); repeat for
+    /// each backend.
     #[arg(
         long = "backend",
-        value_name = "ADDR",
-        value_parser = parse_addr,
+        value_name = "ADDR[,weight=N]",
+        value_parser = parse_backend,
         default_values = ["127.0.0.1:9002", "127.0.0.1:9003", "127.0.0.1:9004", "127.0.0.1:9005"]
     )]
-    pub backends: Vec<SocketAddr>,
+    pub backends: Vec<(SocketAddr, u32)>,
+    /// tcp: relay bytes untouched (any TCP protocol); http: an HTTP/1.1 proxy that sends each
+    /// request over a pooled keep-alive backend connection.
+    #[arg(long, value_enum, default_value_t = Mode::Tcp)]
+    pub mode: Mode,
+    /// How the first backend to try is chosen: round-robin (weighted), least-conn (fewest in
+    /// flight per weight) or p2c (the less loaded of two random picks).
+    #[arg(long, value_enum, default_value_t = Policy::RoundRobin)]
+    pub policy: Policy,
+    /// HTTP mode: answer 504 when a backend has not begun its response after this long.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
+    pub response_timeout: Duration,
+    /// HTTP mode: idle keep-alive connections kept per backend and executor.
+    #[arg(long, value_name = "N", default_value_t = 64)]
+    pub pool_size: usize,
+    /// HTTP mode: close an idle pooled connection after this long (sooner when the backend's
+    /// Keep-Alive: timeout says so).
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = parse_duration)]
+    pub pool_idle_timeout: Duration,
+    /// HTTP mode: largest request or response head, in bytes; a longer request head gets 431.
+    #[arg(long, value_name = "BYTES", default_value_t = crate::serve::http::DEFAULT_MAX_HEAD, value_parser = usize_at_least::<64>)]
+    pub max_head: usize,
+    /// HTTP mode: time a client has to send a complete request head (and, kept alive, the next).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub head_timeout: Duration,
     /// CPUs to run balancer executors on, one executor each, e.g. `0` or `0,1` or `0-1`
     /// [default: the first CPU this process may use].
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
@@ -314,6 +341,31 @@ pub fn parse_number_list(s: &str) -> Result<NumberList, String> {
         return Err(format!("'{s}': every level must be at least 1"));
     }
     Ok(NumberList(list))
+}
+
+/// Parses a backend: `HOST:PORT` (as [`parse_addr`]), optionally `,weight=N` (N ≥ 1).
+pub fn parse_backend(s: &str) -> Result<(SocketAddr, u32), String> {
+    let (addr, rest) = match s.split_once(',') {
+        Some((a, r)) => (a, Some(r)),
+        None => (s, None),
+    };
+    let weight = match rest {
+        None => 1,
+        Some(r) => {
+            let w = r.strip_prefix("weight=").ok_or_else(|| {
+                format!("'{s}': after the address only weight=N may follow, e.g. 127.0.0.1:9002,weight=3")
+            })?;
+            match w.parse::<u32>() {
+                Ok(w) if w >= 1 => w,
+                _ => {
+                    return Err(format!(
+                        "'{s}': the weight must be a whole number of at least 1"
+                    ));
+                }
+            }
+        }
+    };
+    Ok((parse_addr(addr)?, weight))
 }
 
 /// Parses `NAME=HOST:PORT`.

@@ -254,11 +254,12 @@ fn run_lb(args: LbArgs, shutdown: Shutdown) -> io::Result<()> {
     for &cpu in &cpus {
         placement::check_cpu(cpu)?;
     }
-    balancer::check_backends(args.listen, &args.backends).map_err(|e| cli::usage(e.to_string()))?;
+    let addrs: Vec<std::net::SocketAddr> = args.backends.iter().map(|b| b.0).collect();
+    balancer::check_backends(args.listen, &addrs).map_err(|e| cli::usage(e.to_string()))?;
     let listeners = listen::bind_shared(args.listen, cpus.len())?;
     let local = listeners[0].local_addr()?;
     let config = BalancerConfig {
-        backends: args.backends.clone(),
+        backends: addrs.clone(),
         connect_timeout: args.connect_timeout,
         idle_timeout: args.idle_timeout,
         fin_timeout: args.fin_timeout,
@@ -275,14 +276,34 @@ fn run_lb(args: LbArgs, shutdown: Shutdown) -> io::Result<()> {
             .max_conns
             .unwrap_or_else(|| limits::default_max_conns(2 * cpus.len() as u64)),
         io: args.io,
+        mode: args.mode,
+        policy: args.policy,
+        weights: args.backends.iter().map(|b| b.1).collect(),
+        response_timeout: args.response_timeout,
+        pool_size: args.pool_size,
+        pool_idle_timeout: args.pool_idle_timeout,
+        max_head: args.max_head,
+        head_timeout: args.head_timeout,
     };
     let placements: Vec<Option<usize>> = cpus.iter().copied().map(Some).collect();
     let executors = balancer::spawn(listeners, &placements, config.clone(), shutdown)?;
-    let backends: Vec<String> = args.backends.iter().map(|a| a.to_string()).collect();
+    let backends: Vec<String> = args
+        .backends
+        .iter()
+        .map(|(a, w)| {
+            if *w == 1 {
+                a.to_string()
+            } else {
+                format!("{a} (weight {w})")
+            }
+        })
+        .collect();
     println!(
-        "ringlab lb: {local} -> [{}] round robin; {} executor(s) on CPU {}, sockets on {}; up to \
-         {} connections each; replay unanswered: {}; Ctrl-C to stop",
+        "ringlab lb: {local} -> [{}] {} mode, {}; {} executor(s) on CPU {}, sockets on {}; up \
+         to {} connections each; replay unanswered: {}; Ctrl-C to stop",
         backends.join(", "),
+        config.mode,
+        config.policy,
         cpus.len(),
         placement::format_cpus(&cpus),
         executors.first().map_or("-", |e| e.driver.as_str()),
@@ -331,10 +352,25 @@ fn print_balancer_reports(reports: &[BalancerReport]) {
             r.self_loops
         );
     }
+    let h = &total.http;
+    if h.requests > 0 {
+        println!(
+            "ringlab lb http: {} requests, {} on pooled connections, {} on new ones, {} retried \
+             on a fresh connection, {} refused (4xx/501), {} answered 502/503, {} answered 504",
+            h.requests,
+            h.pooled,
+            h.connected,
+            h.retried,
+            h.refused,
+            h.bad_gateway,
+            h.gateway_timeout
+        );
+    }
     println!(
-        "{:<22} {:>12} {:>14} {:>14} {:>16} {:>11} {:>14} {:>13}",
+        "{:<22} {:>12} {:>9} {:>14} {:>14} {:>16} {:>11} {:>14} {:>13}",
         "backend",
         "connections",
+        "requests",
         "bytes up",
         "bytes down",
         "connect failures",
@@ -344,9 +380,10 @@ fn print_balancer_reports(reports: &[BalancerReport]) {
     );
     for b in &total.backends {
         println!(
-            "{:<22} {:>12} {:>14} {:>14} {:>16} {:>11} {:>14} {:>13}",
+            "{:<22} {:>12} {:>9} {:>14} {:>14} {:>16} {:>11} {:>14} {:>13}",
             b.addr.map(|a| a.to_string()).unwrap_or_default(),
             b.connections,
+            b.requests,
             b.bytes_up,
             b.bytes_down,
             b.connect_failures,

@@ -222,14 +222,10 @@ fn a_connection_from_the_balancer_itself_is_refused_at_run_time() {
     let mut config = BalancerConfig::new(vec![itself]);
     config.health.cooldown = Duration::from_secs(60);
     let shutdown = ringlab::io::shutdown::Shutdown::new();
-    let health = std::sync::Arc::new(ringlab::serve::health::Health::new(
-        &config.backends,
-        config.health,
-        false,
-    ));
+    let common = ringlab::serve::balancer::Common::new(&config, false);
     let stop = shutdown.clone();
     let ex = ringlab::io::placement::spawn_pinned("lb-loop", None, driver(), move || {
-        ringlab::serve::balancer::serve(listener, config, health, false, stop)
+        ringlab::serve::balancer::serve(listener, config, common, false, stop)
     })
     .unwrap();
     let lb = running(vec![itself], shutdown, vec![ex]);

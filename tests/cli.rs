@@ -78,7 +78,7 @@ fn sigterm_drains_prints_counters_and_exits_zero() {
     let mut stdout = BufReader::new(child.stdout.take().unwrap());
     let mut banner = String::new();
     stdout.read_line(&mut banner).unwrap();
-    assert!(banner.contains("round robin"), "{banner}");
+    assert!(banner.contains("round-robin"), "{banner}");
     assert!(banner.contains("on CPU"), "placement not printed: {banner}");
     // SAFETY: signalling a child this test started, by its pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

@@ -1,0 +1,257 @@
+//! Which backend the balancer tries first, in both modes (a new connection in TCP mode, a request
+//! in HTTP mode): smooth weighted round robin (the default), least outstanding, or the power of
+//! two random choices. The balancer tries the candidates in the order given, skipping backends
+//! out of rotation, so a policy only has to rank.
+//!
+//! Outstanding work is counted over all the balancer's executors (one atomic add and subtract
+//! per connection or request): least-conn and p2c see the whole balancer's load on a backend, not
+//! one core's share of it.
+
+use std::cell::{Cell, RefCell};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// How the first backend to try is chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Policy {
+    /// Each backend in turn, as often as its weight (nginx's smooth weighted round robin).
+    #[default]
+    RoundRobin,
+    /// The backend with the fewest connections or requests in flight per unit of weight.
+    LeastConn,
+    /// Two backends at random (weighted), the less loaded of the two (Mitzenmacher's power of
+    /// two choices: nearly least-conn's balance without looking at every backend).
+    P2c,
+}
+
+impl std::fmt::Display for Policy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Policy::RoundRobin => "round-robin",
+            Policy::LeastConn => "least-conn",
+            Policy::P2c => "p2c",
+        })
+    }
+}
+
+/// Work in flight per backend, shared by a balancer's executors.
+#[derive(Debug)]
+pub struct Load {
+    outstanding: Vec<AtomicU32>,
+}
+
+impl Load {
+    /// Counters for `n` backends, all idle.
+    pub fn new(n: usize) -> Arc<Load> {
+        Arc::new(Load {
+            outstanding: (0..n).map(|_| AtomicU32::new(0)).collect(),
+        })
+    }
+
+    /// Counts one connection or request on backend `i` until the returned guard drops.
+    pub fn start(self: &Arc<Self>, i: usize) -> InFlight {
+        self.outstanding[i].fetch_add(1, Ordering::Relaxed);
+        InFlight {
+            load: self.clone(),
+            backend: i,
+        }
+    }
+
+    fn of(&self, i: usize) -> u32 {
+        self.outstanding[i].load(Ordering::Relaxed)
+    }
+}
+
+/// One connection or request in flight on a backend.
+#[derive(Debug)]
+pub struct InFlight {
+    load: Arc<Load>,
+    backend: usize,
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.load.outstanding[self.backend].fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// One executor's chooser.
+#[derive(Debug)]
+pub struct Chooser {
+    policy: Policy,
+    weights: Vec<u32>,
+    load: Arc<Load>,
+    /// Smooth weighted round robin's current weights.
+    current: RefCell<Vec<i64>>,
+    /// xorshift64 state for p2c.
+    rng: Cell<u64>,
+    /// Where ties and fallbacks start, moved on each choice.
+    turn: Cell<usize>,
+}
+
+impl Chooser {
+    /// A chooser over backends with these weights (each at least 1).
+    pub fn new(policy: Policy, weights: Vec<u32>, load: Arc<Load>, seed: u64) -> Chooser {
+        let n = weights.len();
+        Chooser {
+            policy,
+            weights: weights.into_iter().map(|w| w.max(1)).collect(),
+            load,
+            current: RefCell::new(vec![0; n]),
+            rng: Cell::new(seed | 1),
+            turn: Cell::new(0),
+        }
+    }
+
+    /// The policy.
+    pub fn policy(&self) -> Policy {
+        self.policy
+    }
+
+    /// Fills `order` with every backend, the one to try first at the front and the others after
+    /// it in rotation order (the fallbacks when it is out of rotation or refuses).
+    pub fn order(&self, order: &mut Vec<usize>) {
+        let n = self.weights.len();
+        order.clear();
+        if n == 0 {
+            return;
+        }
+        let first = match self.policy {
+            Policy::RoundRobin => self.smooth_round_robin(),
+            Policy::LeastConn => self.least_loaded(),
+            Policy::P2c => self.two_choices(),
+        };
+        order.extend((0..n).map(|k| (first + k) % n));
+    }
+
+    fn smooth_round_robin(&self) -> usize {
+        let mut current = self.current.borrow_mut();
+        let total: i64 = self.weights.iter().map(|&w| i64::from(w)).sum();
+        let mut best = 0;
+        for (i, c) in current.iter_mut().enumerate() {
+            *c += i64::from(self.weights[i]);
+        }
+        for i in 1..current.len() {
+            if current[i] > current[best] {
+                best = i;
+            }
+        }
+        current[best] -= total;
+        best
+    }
+
+    /// Compares backends `a` and `b` by load per unit of weight: whether `a` is less loaded.
+    fn lighter(&self, a: usize, b: usize) -> bool {
+        let (la, lb) = (u64::from(self.load.of(a)), u64::from(self.load.of(b)));
+        la * u64::from(self.weights[b]) < lb * u64::from(self.weights[a])
+    }
+
+    fn least_loaded(&self) -> usize {
+        let n = self.weights.len();
+        // Ties go round: the scan starts one further each time.
+        let start = self.turn.get() % n;
+        self.turn.set(start + 1);
+        let mut best = start;
+        for k in 1..n {
+            let i = (start + k) % n;
+            if self.lighter(i, best) {
+                best = i;
+            }
+        }
+        best
+    }
+
+    fn two_choices(&self) -> usize {
+        let n = self.weights.len();
+        if n == 1 {
+            return 0;
+        }
+        let a = self.weighted_pick(None);
+        let b = self.weighted_pick(Some(a));
+        if self.lighter(b, a) { b } else { a }
+    }
+
+    /// A backend drawn with probability proportional to its weight, other than `not`.
+    fn weighted_pick(&self, not: Option<usize>) -> usize {
+        let total: u64 = self
+            .weights
+            .iter()
+            .enumerate()
+            .filter(|&(i, _)| Some(i) != not)
+            .map(|(_, &w)| u64::from(w))
+            .sum();
+        let mut r = self.next_random() % total.max(1);
+        for (i, &w) in self.weights.iter().enumerate() {
+            if Some(i) == not {
+                continue;
+            }
+            if r < u64::from(w) {
+                return i;
+            }
+            r -= u64::from(w);
+        }
+        self.weights.len() - 1
+    }
+
+    fn next_random(&self) -> u64 {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        x
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn firsts(chooser: &Chooser, k: usize) -> Vec<usize> {
+        let mut order = Vec::new();
+        (0..k)
+            .map(|_| {
+                chooser.order(&mut order);
+                order[0]
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_robin_rotates_and_honours_weights() {
+        let load = Load::new(4);
+        let plain = Chooser::new(Policy::RoundRobin, vec![1; 4], load.clone(), 1);
+        assert_eq!(firsts(&plain, 5), [0, 1, 2, 3, 0]);
+        let weighted = Chooser::new(Policy::RoundRobin, vec![3, 1], Load::new(2), 1);
+        let picks = firsts(&weighted, 8);
+        assert_eq!(picks.iter().filter(|&&i| i == 0).count(), 6, "{picks:?}");
+        // Smooth: the heavy backend's turns are spread out, not three in a row each cycle.
+        assert_eq!(&picks[..4], &[0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn least_conn_and_p2c_avoid_the_loaded_backend() {
+        let load = Load::new(4);
+        let busy: Vec<InFlight> = (0..10).map(|_| load.start(2)).collect();
+        let least = Chooser::new(Policy::LeastConn, vec![1; 4], load.clone(), 1);
+        assert!(!firsts(&least, 40).contains(&2));
+        let p2c = Chooser::new(Policy::P2c, vec![1; 4], load.clone(), 7);
+        // p2c picks the busy one only when both draws hit it, which they cannot (distinct).
+        assert!(!firsts(&p2c, 200).contains(&2));
+        drop(busy);
+        assert!(firsts(&least, 8).contains(&2));
+    }
+
+    #[test]
+    fn the_order_lists_every_backend_once_first_choice_first() {
+        let chooser = Chooser::new(Policy::P2c, vec![1, 2, 3], Load::new(3), 3);
+        let mut order = Vec::new();
+        for _ in 0..20 {
+            chooser.order(&mut order);
+            let mut sorted = order.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, [0, 1, 2]);
+        }
+    }
+}
