@@ -52,9 +52,27 @@ pub struct BackendArgs {
     /// kernel has them) or epoll (non-blocking system calls).
     #[arg(long, value_enum, value_name = "DRIVER", default_value_t = IoMode::Uring)]
     pub io: IoMode,
+    /// Wait this long before each answer, fixed (5ms) or exponentially distributed with that
+    /// mean (exp:2ms): a service time to balance over. The executor serves others meanwhile.
+    #[arg(long, value_name = "DELAY", value_parser = crate::serve::backend::Delay::parse)]
+    pub delay: Option<crate::serve::backend::Delay>,
+    /// A delay for one listener, by port (9003=20ms or 9003=exp:5ms); repeatable.
+    #[arg(long, value_name = "PORT=DELAY", value_parser = parse_delay_on)]
+    pub delay_on: Vec<(u16, crate::serve::backend::Delay)>,
     /// Request-head options shared with `threaded`.
     #[command(flatten)]
     pub http: HttpArgs,
+}
+
+/// Parses `PORT=DELAY`.
+pub fn parse_delay_on(s: &str) -> Result<(u16, crate::serve::backend::Delay), String> {
+    let (port, delay) = s
+        .split_once('=')
+        .ok_or_else(|| format!("'{s}' is not PORT=DELAY, e.g. 9003=20ms"))?;
+    let port = port
+        .parse()
+        .map_err(|_| format!("'{port}' is not a port"))?;
+    Ok((port, crate::serve::backend::Delay::parse(delay)?))
 }
 
 /// Options every HTTP server here shares.

@@ -200,6 +200,7 @@ fn http_config(args: &HttpArgs, io: IoMode) -> BackendConfig {
             .max_conns
             .unwrap_or_else(|| limits::default_max_conns(1)),
         io,
+        ..BackendConfig::default()
     }
 }
 
@@ -214,12 +215,12 @@ fn run_backend(args: BackendArgs, shutdown: Shutdown) -> io::Result<()> {
         .iter()
         .map(|l| l.local_addr().map(|a| a.to_string()))
         .collect::<io::Result<Vec<_>>>()?;
-    let executor = backend::spawn(
-        listeners,
-        Some(cpu),
-        http_config(&args.http, args.io),
-        shutdown,
-    )?;
+    let config = BackendConfig {
+        delay: args.delay.unwrap_or_default(),
+        delay_on: args.delay_on.clone(),
+        ..http_config(&args.http, args.io)
+    };
+    let executor = backend::spawn(listeners, Some(cpu), config, shutdown)?;
     println!(
         "ringlab backend: serving {} on CPU {cpu} (one glommio executor; sockets on {}); Ctrl-C \
          to stop",

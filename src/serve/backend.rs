@@ -33,6 +33,53 @@ pub struct BackendConfig {
     pub max_conns: usize,
     /// The executor's socket driver.
     pub io: IoMode,
+    /// How long each answer waits before it is sent (a service time to balance over).
+    pub delay: Delay,
+    /// Per-listener delays, by port, overriding `delay`.
+    pub delay_on: Vec<(u16, Delay)>,
+}
+
+/// A service time: how long an answer waits (on the executor's timers, so the executor serves
+/// other connections meanwhile).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Delay {
+    /// Answer at once.
+    #[default]
+    None,
+    /// Always this long.
+    Fixed(Duration),
+    /// Exponentially distributed with this mean (a memoryless service time, as in queueing
+    /// models).
+    Exponential(Duration),
+}
+
+impl Delay {
+    /// Parses `5ms` (fixed) or `exp:2ms` (exponential with that mean).
+    pub fn parse(s: &str) -> Result<Delay, String> {
+        match s.strip_prefix("exp:") {
+            Some(mean) => Ok(Delay::Exponential(crate::cli::parse_duration(mean)?)),
+            None => Ok(Delay::Fixed(crate::cli::parse_duration(s)?)),
+        }
+    }
+
+    /// One service time; `random` is a uniform draw in (0, 1].
+    fn sample(self, random: f64) -> Option<Duration> {
+        match self {
+            Delay::None => None,
+            Delay::Fixed(d) => Some(d),
+            Delay::Exponential(mean) => Some(mean.mul_f64(-random.ln())),
+        }
+    }
+}
+
+impl std::fmt::Display for Delay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Delay::None => f.write_str("none"),
+            Delay::Fixed(d) => write!(f, "{d:?}"),
+            Delay::Exponential(d) => write!(f, "exp:{d:?}"),
+        }
+    }
 }
 
 impl Default for BackendConfig {
@@ -43,6 +90,8 @@ impl Default for BackendConfig {
             drain_timeout: Duration::from_secs(10),
             max_conns: crate::io::limits::default_max_conns(1),
             io: IoMode::default(),
+            delay: Delay::None,
+            delay_on: Vec::new(),
         }
     }
 }
@@ -78,19 +127,37 @@ struct Listener {
     /// flight keeps the bytes it started with and nothing is formatted per request.
     responses: RefCell<Rc<Responses>>,
     stats: RefCell<ListenerStats>,
+    /// This listener's service time.
+    delay: Delay,
+    /// xorshift64 state for exponential delays.
+    rng: std::cell::Cell<u64>,
 }
 
 impl Listener {
-    fn new(addr: SocketAddr) -> Listener {
+    fn new(addr: SocketAddr, delay: Delay) -> Listener {
         let id = http::server_id(addr.port());
         Listener {
             id,
+            delay,
+            rng: std::cell::Cell::new(0x2545_f491_4f6c_dd1d ^ u64::from(addr.port())),
             responses: RefCell::new(Rc::new(Responses::new(&id, &http::now_fixdate()))),
             stats: RefCell::new(ListenerStats {
                 addr: Some(addr),
                 ..ListenerStats::default()
             }),
         }
+    }
+
+    /// The wait before the next answer, if any.
+    fn service_time(&self) -> Option<Duration> {
+        let mut x = self.rng.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.rng.set(x);
+        // 53 random bits, shifted into (0, 1].
+        let random = ((x >> 11) + 1) as f64 / (1u64 << 53) as f64;
+        self.delay.sample(random)
     }
 
     fn count(&self, kind: Kind) {
@@ -136,7 +203,13 @@ pub async fn serve(
     let mut contexts = Vec::new();
     let mut loops = Vec::new();
     for listener in listeners {
-        let ctx = Rc::new(Listener::new(listener.local_addr()?));
+        let addr = listener.local_addr()?;
+        let delay = config
+            .delay_on
+            .iter()
+            .find(|(port, _)| *port == addr.port())
+            .map_or(config.delay, |(_, d)| *d);
+        let ctx = Rc::new(Listener::new(addr, delay));
         contexts.push(ctx.clone());
         let (stop, gate, config) = (stop.clone(), gate.clone(), config.clone());
         let (deadlines, limit) = (deadlines.clone(), limit.clone());
@@ -233,11 +306,17 @@ async fn serve_connection(
             }
             Read::Gone => return,
         };
+        let parsed_ok = parsed.is_ok();
         let Reply {
             kind,
             consumed,
             linger,
         } = Reply::to(parsed, buf.len(), stop.is_stopped());
+        if parsed_ok {
+            if let Some(wait) = ctx.service_time() {
+                time::sleep(wait).await;
+            }
+        }
         out.clear();
         out.extend_from_slice(responses.get(kind));
         if kind.closes() && !linger {

@@ -300,23 +300,24 @@ impl<'a> Fields<'a> {
                     f.content_length = Some(n);
                 }
             } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
-                // Only the last coding decides the framing; several fields join into one list.
-                let last = h
-                    .value
-                    .split(|&b| b == b',')
-                    .map(trim)
-                    .rfind(|t| !t.is_empty())
-                    .ok_or(Ambiguous)?;
-                let chunked_earlier = f.transfer_encoding == Some(Coding::Chunked);
-                f.transfer_encoding = Some(if last.eq_ignore_ascii_case(b"chunked") {
-                    if chunked_earlier {
-                        // chunked applied twice.
+                // Several fields join into one list; chunked must come last, and only once
+                // (RFC 9112 §6.1): any coding after a chunked one is ambiguous.
+                for coding in h.value.split(|&b| b == b',').map(trim) {
+                    if coding.is_empty() {
+                        continue;
+                    }
+                    if f.transfer_encoding == Some(Coding::Chunked) {
                         return Err(Ambiguous);
                     }
-                    Coding::Chunked
-                } else {
-                    Coding::Other
-                });
+                    f.transfer_encoding = Some(if coding.eq_ignore_ascii_case(b"chunked") {
+                        Coding::Chunked
+                    } else {
+                        Coding::Other
+                    });
+                }
+                if f.transfer_encoding.is_none() {
+                    return Err(Ambiguous);
+                }
             } else if name.eq_ignore_ascii_case(b"connection") {
                 for token in h.value.split(|&b| b == b',').map(trim) {
                     if token.eq_ignore_ascii_case(b"close") {
@@ -566,5 +567,122 @@ fn hex(b: u8) -> Option<u8> {
         b'a'..=b'f' => Some(b - b'a' + 10),
         b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(head: &[u8]) -> (Result<Option<Request>, RequestError>, String) {
+        let mut out = Vec::new();
+        let r = parse_request(head, 8192, "10.0.0.1:9002", &mut out);
+        (r, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn the_forwarded_head_drops_hop_by_hop_fields_and_speaks_http11() {
+        let (r, out) = request(
+            b"GET /a?b HTTP/1.0\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\nAccept: */*\r\n\r\n",
+        );
+        let r = r.unwrap().unwrap();
+        assert!(r.keep_alive && r.http10 && r.retryable);
+        assert_eq!(r.framing, Framing::Empty);
+        assert_eq!(
+            out,
+            "GET /a?b HTTP/1.1\r\nAccept: */*\r\nHost: 10.0.0.1:9002\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let framing = |h: &[u8]| request(h).0.map(|r| r.map(|r| r.framing));
+        assert_eq!(
+            framing(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\n"),
+            Ok(Some(Framing::Length(5)))
+        );
+        assert_eq!(
+            framing(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            Ok(Some(Framing::Chunked))
+        );
+        assert_eq!(
+            framing(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 5\r\n\r\n"),
+            Ok(Some(Framing::Length(5)))
+        );
+        for bad in [
+            &b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"[..],
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+        ] {
+            assert_eq!(framing(bad), Err(RequestError::BadRequest), "{bad:?}");
+        }
+        assert_eq!(
+            framing(b"POST / HTTP/1.1\r\nHost: x\r\nExpect: 200-ok\r\n\r\n"),
+            Err(RequestError::ExpectationFailed)
+        );
+    }
+
+    #[test]
+    fn responses_are_framed_for_the_request_and_get_our_connection_field() {
+        let mut out = Vec::new();
+        let head = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: keep-alive\r\nKeep-Alive: timeout=4\r\n\r\nabc";
+        let r = parse_response(head, 8192, false, ClientConnection::Close, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.framing, Framing::Length(3));
+        assert!(r.reusable);
+        assert_eq!(r.idle_timeout, Some(Duration::from_secs(4)));
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\n"
+        );
+        let r = parse_response(head, 8192, true, ClientConnection::Keep, &mut out)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.framing, Framing::Empty, "no body after HEAD");
+        let until_close = parse_response(
+            b"HTTP/1.0 200 OK\r\n\r\n",
+            8192,
+            false,
+            ClientConnection::Keep,
+            &mut out,
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(until_close.framing, Framing::UntilClose);
+        assert!(!until_close.reusable);
+        assert!(
+            parse_response(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                8192,
+                false,
+                ClientConnection::Keep,
+                &mut out
+            )
+            .is_err()
+        );
+    }
+
+    #[test]
+    fn the_chunk_scanner_finds_the_end_across_any_split() {
+        let body = b"5;ext=\"x\"\r\nhello\r\n0\r\nTrailer: 1\r\n\r\nNEXT";
+        let end = body.len() - 4;
+        for split in 0..=body.len() {
+            let mut scanner = ChunkScanner::new();
+            let a = scanner.scan(&body[..split]).unwrap();
+            let b = scanner.scan(&body[split..]).unwrap();
+            assert_eq!(a + b, end, "split at {split}");
+            assert!(scanner.done());
+        }
+        for bad in [
+            &b"zz\r\n"[..],
+            b"5\r\nhelloX\r\n",
+            b"5\nhello\r\n",
+            b"11111111111111111\r\n",
+            b"0\r\n Folded: trailer\r\n\r\n",
+        ] {
+            assert!(ChunkScanner::new().scan(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -124,9 +124,10 @@ impl Session<'_> {
         if req.upgrade {
             return self.refuse(UPGRADE);
         }
+        // The head is in `head`, rewritten: what stays in `input` is the body and what follows.
+        self.input.drain(..req.head_len);
         self.sent_continue = false;
-        if req.expect_continue && req.framing != Framing::Empty && self.input.len() == req.head_len
-        {
+        if req.expect_continue && req.framing != Framing::Empty && self.input.is_empty() {
             // The client waits for this before sending its body (RFC 9110 §10.1.1).
             self.out.clear();
             self.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -281,18 +282,17 @@ impl Session<'_> {
         // The head and what of the body is already here, in one send.
         let mut body = Body::new(req.framing);
         let head_len = self.head.len();
-        let start = req.head_len;
-        let Ok(n) = body.take(&self.input[start..]) else {
+        let Ok(n) = body.take(&self.input) else {
             return Sent::BadBody;
         };
-        self.head.extend_from_slice(&self.input[start..start + n]);
+        self.head.extend_from_slice(&self.input[..n]);
         let written = backend.write_all(&mut self.head).await;
         // The head stays (it may be sent again); the body bytes leave.
         self.head.truncate(head_len);
         if written.is_err() {
             return Sent::Unanswered;
         }
-        self.input.drain(..start + n);
+        self.input.drain(..n);
         // The rest of the body, as the client sends it; what follows it is the next request.
         while !body.done() {
             let (input, deadline) = (&mut self.input, &self.deadline);
