@@ -12,7 +12,7 @@ use std::time::Duration;
 use ringlab::io::driver::IoMode;
 use ringlab::io::shutdown::Shutdown;
 use ringlab::lab::sweep::{self, SweepConfig};
-use ringlab::lab::topology::{Placement, Ports};
+use ringlab::lab::topology::{LabSetup, Placement, Ports};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -48,6 +48,7 @@ fn main() {
         note: None,
         stop: Shutdown::new(),
         io: vec![IoMode::Uring, IoMode::Epoll],
+        lab: LabSetup::default(),
     };
     println!(
         "ringlab e2e bench: {requests} requests per cell, median of {repeat}; {}",
@@ -55,11 +56,13 @@ fn main() {
     );
     let sweep = sweep::run(&config).expect("sweep");
     println!(
-        "{:>4} {:>9} {:>9} {:>7} {:>9} {:>9} {:>7} {:>9} {:>8} {:>8} {:>12}",
+        "{:>4} {:>9} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>7} {:>9} {:>8} {:>8} {:>12}",
         "c",
         "lb uring",
         "lb epoll",
         "ratio",
+        "http-lb",
+        "http/tcp",
         "dir uring",
         "dir epoll",
         "ratio",
@@ -71,9 +74,10 @@ fn main() {
     for &c in &sweep.concurrency {
         let get = |t: &str| sweep.cell(t, c).expect("cell").median_run().clone();
         let (lbu, lbe) = (get("lb-uring"), get("lb-epoll"));
+        let http = get("lb-http-uring");
         let (du, de) = (get("direct-uring"), get("direct-epoll"));
         let threaded = get("threaded");
-        for r in [&lbu, &lbe, &du, &de, &threaded] {
+        for r in [&lbu, &lbe, &http, &du, &de, &threaded] {
             assert_eq!(
                 r.failed.total(),
                 0,
@@ -83,10 +87,12 @@ fn main() {
         }
         let rate = |r: &ringlab::lab::client::BenchResult| r.requests_per_sec();
         println!(
-            "{c:>4} {:>9.0} {:>9.0} {:>6.2}x {:>9.0} {:>9.0} {:>6.2}x {:>9.0} {:>8} {:>8} {:>11.2}x",
+            "{c:>4} {:>9.0} {:>9.0} {:>6.2}x {:>9.0} {:>8.2}x {:>9.0} {:>9.0} {:>6.2}x {:>9.0} {:>8} {:>8} {:>11.2}x",
             rate(&lbu),
             rate(&lbe),
             rate(&lbu) / rate(&lbe),
+            rate(&http),
+            rate(&http) / rate(&lbu),
             rate(&du),
             rate(&de),
             rate(&du) / rate(&de),

@@ -64,6 +64,15 @@ pub struct BackendArgs {
     pub http: HttpArgs,
 }
 
+/// Parses `DELAY` or `PORT=DELAY`.
+pub fn parse_backend_delay(s: &str) -> Result<(Option<u16>, crate::serve::backend::Delay), String> {
+    if s.contains('=') {
+        parse_delay_on(s).map(|(p, d)| (Some(p), d))
+    } else {
+        crate::serve::backend::Delay::parse(s).map(|d| (None, d))
+    }
+}
+
 /// Parses `PORT=DELAY`.
 pub fn parse_delay_on(s: &str) -> Result<(u16, crate::serve::backend::Delay), String> {
     let (port, delay) = s
@@ -285,6 +294,29 @@ pub struct SweepArgs {
     /// Connect and response timeout per request.
     #[arg(short = 's', long = "timeout", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
+    /// Balancer modes in the in-process lab: tcp (44444), http (44480) or both.
+    #[arg(
+        long = "mode",
+        value_enum,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "tcp,http"
+    )]
+    pub modes: Vec<Mode>,
+    /// Balancer policies in the in-process lab: one balancer per mode and policy, e.g.
+    /// round-robin,least-conn,p2c (the first takes the lab's ports, the others free ones).
+    #[arg(
+        long = "policy",
+        value_enum,
+        value_name = "LIST",
+        value_delimiter = ',',
+        default_value = "round-robin"
+    )]
+    pub policies: Vec<Policy>,
+    /// Service time of the in-process backends: DELAY for all (5ms, exp:2ms) or PORT=DELAY
+    /// for one (9005=20ms); repeatable.
+    #[arg(long, value_name = "[PORT=]DELAY", value_parser = parse_backend_delay)]
+    pub backend_delay: Vec<(Option<u16>, crate::serve::backend::Delay)>,
     /// Socket drivers to measure, e.g. uring or uring,epoll: the lab is started once per
     /// driver and their targets are measured side by side (the summary gives the ratio). The
     /// client runs on the first.

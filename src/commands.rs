@@ -15,7 +15,7 @@ use crate::lab::client::{self, BenchConfig, Target};
 use crate::lab::report;
 use crate::lab::results;
 use crate::lab::sweep::{self, SweepConfig};
-use crate::lab::topology::{NamedTarget, Placement, Ports};
+use crate::lab::topology::{LabSetup, NamedTarget, Placement, Ports};
 use crate::serve::backend::{self, BackendConfig, ListenerStats};
 use crate::serve::balancer::{self, BalancerConfig, BalancerReport};
 use crate::serve::health::HealthPolicy;
@@ -120,6 +120,21 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
         note: args.note,
         stop: shutdown,
         io: args.io,
+        lab: LabSetup {
+            modes: args.modes.clone(),
+            policies: args.policies.clone(),
+            delay: args
+                .backend_delay
+                .iter()
+                .find(|(port, _)| port.is_none())
+                .map_or_else(Default::default, |(_, d)| *d),
+            delay_on: args
+                .backend_delay
+                .iter()
+                .filter_map(|(port, d)| port.map(|p| (p, *d)))
+                .collect(),
+            ..LabSetup::default()
+        },
     };
     let label = args
         .label

@@ -24,13 +24,15 @@ fn small(targets: Vec<ringlab::lab::topology::NamedTarget>) -> SweepConfig {
         note: None,
         stop: Shutdown::new(),
         io: vec![common::driver()],
+        lab: ringlab::lab::topology::LabSetup::default(),
     }
 }
 
 both_drivers! {
 fn a_small_sweep_writes_readme_json_and_chart_in_the_labs_columns() {
     let sweep = sweep::run(&small(Vec::new())).unwrap();
-    assert_eq!(sweep.cells.len(), 3 * 2);
+    // lb, lb-http, direct, threaded at two concurrencies.
+    assert_eq!(sweep.cells.len(), 4 * 2);
     for cell in &sweep.cells {
         assert_eq!(cell.runs.len(), 3);
         let r = cell.median_run();
@@ -41,8 +43,14 @@ fn a_small_sweep_writes_readme_json_and_chart_in_the_labs_columns() {
         assert!(lo <= r.requests_per_sec() && r.requests_per_sec() <= hi);
     }
     // Round robin seen through the balancer: 60 requests over four backends.
-    let lb = sweep.cell("lb", 2).unwrap().median_run();
-    assert_eq!(lb.backends.iter().map(|b| b.1).collect::<Vec<_>>(), [15; 4]);
+    for name in ["lb", "lb-http"] {
+        let lb = sweep.cell(name, 2).unwrap().median_run();
+        assert_eq!(
+            lb.backends.iter().map(|b| b.1).collect::<Vec<_>>(),
+            [15; 4],
+            "{name}"
+        );
+    }
 
     let dir = tempfile::tempdir().unwrap();
     let out = ringlab::lab::results::write(&sweep, &dir.path().join("run")).unwrap();
@@ -60,10 +68,10 @@ fn a_small_sweep_writes_readme_json_and_chart_in_the_labs_columns() {
     ] {
         assert!(readme.contains(needle), "{needle:?} missing from\n{readme}");
     }
-    assert_eq!(readme.matches("### PORT ").count(), 3);
+    assert_eq!(readme.matches("### PORT ").count(), 4);
     let json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
-    assert_eq!(json["cells"].as_array().unwrap().len(), 6);
+    assert_eq!(json["cells"].as_array().unwrap().len(), 8);
     assert_eq!(json["cells"][0]["runs"].as_array().unwrap().len(), 3);
     assert!(
         json["derived"][0]["median_requests_per_sec"]
@@ -78,7 +86,7 @@ fn a_small_sweep_writes_readme_json_and_chart_in_the_labs_columns() {
             .starts_with("Linux")
     );
     let svg = std::fs::read_to_string(out.join("chart.svg")).unwrap();
-    assert_eq!(svg.matches("<polyline").count(), 6);
+    assert_eq!(svg.matches("<polyline").count(), 8);
 }
 }
 

@@ -11,7 +11,7 @@ use crate::io::driver::IoMode;
 use crate::io::shutdown::Shutdown;
 use crate::lab::client::{self, BenchConfig, BenchResult, Target};
 use crate::lab::machine::Machine;
-use crate::lab::topology::{Lab, NamedTarget, Placement, Ports};
+use crate::lab::topology::{Lab, LabSetup, NamedTarget, Placement, Ports};
 
 /// What a sweep runs.
 #[derive(Debug, Clone)]
@@ -41,6 +41,9 @@ pub struct SweepConfig {
     /// ports, the others beside it on free ports) and their targets measured side by side. The
     /// client runs on the first.
     pub io: Vec<IoMode>,
+    /// What else the in-process lab runs: balancer modes and policies, backend service times
+    /// (its `io` is taken from `io` above, one lab per driver).
+    pub lab: LabSetup,
     /// Tripped by Ctrl-C: the cell in flight is abandoned, the lab stopped, and what was measured
     /// until then is kept, marked interrupted.
     pub stop: Shutdown,
@@ -232,7 +235,11 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
             } else {
                 Ports::beside()
             };
-            labs.push(Lab::start(&ports, &config.placement, io).map_err(|e| {
+            let setup = LabSetup {
+                io,
+                ..config.lab.clone()
+            };
+            labs.push(Lab::start(&ports, &config.placement, &setup).map_err(|e| {
                 io::Error::new(
                     e.kind(),
                     format!(

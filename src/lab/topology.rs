@@ -1,5 +1,6 @@
 //! The lab's topology started in-process on a chosen core placement: four backends, the balancer
-//! in front of them, the direct async server and the threaded server.
+//! in front of them (TCP mode, and HTTP mode beside it; one pair per policy), the direct async
+//! server and the threaded server.
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,8 +11,9 @@ use crate::io::driver::IoMode;
 use crate::io::listen;
 use crate::io::placement::{self, Executor};
 use crate::io::shutdown::Shutdown;
-use crate::serve::backend::{self, BackendConfig, ListenerStats};
-use crate::serve::balancer::{self, BalancerConfig, BalancerReport};
+use crate::serve::backend::{self, BackendConfig, Delay, ListenerStats};
+use crate::serve::balancer::{self, BalancerConfig, BalancerReport, Mode};
+use crate::serve::policy::Policy;
 use crate::serve::threaded;
 
 /// The ports each piece listens on (0: any free port, as tests use).
@@ -19,8 +21,10 @@ use crate::serve::threaded;
 pub struct Ports {
     /// The backends behind the balancer.
     pub backends: Vec<u16>,
-    /// The balancer.
+    /// The balancer (TCP mode).
     pub lb: u16,
+    /// The balancer in HTTP mode, over the same backends.
+    pub lb_http: u16,
     /// The direct async backend.
     pub direct: u16,
     /// The thread-per-connection server (`None`: not started).
@@ -28,11 +32,13 @@ pub struct Ports {
 }
 
 impl Ports {
-    /// The original lab's ports: 9002–9005 behind 44444, direct 45000, threaded 46000.
+    /// The original lab's ports: 9002–9005 behind 44444, direct 45000, threaded 46000; and the
+    /// HTTP-mode balancer, which the original lab did not have, on 44480.
     pub fn lab() -> Ports {
         Ports {
             backends: vec![9002, 9003, 9004, 9005],
             lb: 44444,
+            lb_http: 44480,
             direct: 45000,
             threaded: Some(46000),
         }
@@ -43,6 +49,7 @@ impl Ports {
         Ports {
             backends: vec![0; 4],
             lb: 0,
+            lb_http: 0,
             direct: 0,
             threaded: Some(0),
         }
@@ -128,11 +135,46 @@ pub struct NamedTarget {
     pub io: Option<IoMode>,
 }
 
+/// What the in-process lab runs, beyond its ports and placement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LabSetup {
+    /// The socket driver of the glommio servers.
+    pub io: IoMode,
+    /// Balancer policies: one TCP-mode and one HTTP-mode balancer per policy.
+    pub policies: Vec<Policy>,
+    /// Balancer modes: one balancer per mode and policy.
+    pub modes: Vec<Mode>,
+    /// The backends' service time (all of them).
+    pub delay: Delay,
+    /// Per-backend service times, by port.
+    pub delay_on: Vec<(u16, Delay)>,
+}
+
+impl Default for LabSetup {
+    fn default() -> LabSetup {
+        LabSetup {
+            io: IoMode::default(),
+            policies: vec![Policy::RoundRobin],
+            modes: vec![Mode::Tcp, Mode::Http],
+            delay: Delay::None,
+            delay_on: Vec::new(),
+        }
+    }
+}
+
+/// One balancer of the lab.
+struct LabBalancer {
+    /// Its target name (`lb`, `lb-http`, `lb-least-conn`, …).
+    name: String,
+    addr: SocketAddr,
+    mode: Mode,
+    policy: Policy,
+    executors: Vec<Executor<io::Result<BalancerReport>>>,
+}
+
 /// The running in-process lab.
 pub struct Lab {
-    /// The balancer's address.
-    pub lb: SocketAddr,
-    /// The backends behind it.
+    /// The backends behind the balancers.
     pub backends: Vec<SocketAddr>,
     /// The direct async server.
     pub direct: SocketAddr,
@@ -145,14 +187,15 @@ pub struct Lab {
     shutdown: Shutdown,
     backend_ex: Option<Executor<io::Result<Vec<ListenerStats>>>>,
     direct_ex: Option<Executor<io::Result<Vec<ListenerStats>>>>,
-    lb_ex: Vec<Executor<io::Result<BalancerReport>>>,
+    balancers: Vec<LabBalancer>,
     threaded_thread: Option<std::thread::JoinHandle<io::Result<ListenerStats>>>,
 }
 
 impl Lab {
     /// Binds every port first (so a port in use fails before anything starts), then starts the
-    /// servers on `placement`, their sockets on the `io` driver.
-    pub fn start(ports: &Ports, placement: &Placement, io: IoMode) -> io::Result<Lab> {
+    /// servers on `placement` as `setup` says. The first policy's balancers take the lab's
+    /// balancer ports; more policies' get free ports.
+    pub fn start(ports: &Ports, placement: &Placement, setup: &LabSetup) -> io::Result<Lab> {
         placement.check()?;
         let host = [127, 0, 0, 1];
         let addr = |p: u16| SocketAddr::from((host, p));
@@ -161,7 +204,27 @@ impl Lab {
             .iter()
             .map(|&p| listen::bind_one(addr(p)))
             .collect::<io::Result<Vec<_>>>()?;
-        let lb_listeners = listen::bind_shared(addr(ports.lb), placement.lb.len())?;
+        // (name, mode, policy, listeners), every port bound before anything starts.
+        let several = setup.policies.len() > 1;
+        let mut planned = Vec::new();
+        for (i, &policy) in setup.policies.iter().enumerate() {
+            for &mode in &setup.modes {
+                let port = match mode {
+                    Mode::Tcp => ports.lb,
+                    Mode::Http => ports.lb_http,
+                };
+                let port = if i == 0 { port } else { 0 };
+                let mut name = match mode {
+                    Mode::Tcp => "lb".to_string(),
+                    Mode::Http => "lb-http".to_string(),
+                };
+                if several {
+                    name = format!("{name}-{policy}");
+                }
+                let listeners = listen::bind_shared(addr(port), placement.lb.len())?;
+                planned.push((name, mode, policy, listeners));
+            }
+        }
         let direct_listener = listen::bind_one(addr(ports.direct))?;
         let threaded_listener = ports
             .threaded
@@ -172,7 +235,6 @@ impl Lab {
             .iter()
             .map(|l| l.local_addr())
             .collect::<io::Result<Vec<_>>>()?;
-        let lb = lb_listeners[0].local_addr()?;
         let direct = direct_listener.local_addr()?;
         let threaded_addr = threaded_listener
             .as_ref()
@@ -180,8 +242,8 @@ impl Lab {
             .transpose()?;
 
         let shutdown = Shutdown::new();
+        let io = setup.io;
         let mut lab = Lab {
-            lb,
             backends: backends.clone(),
             direct,
             threaded: threaded_addr,
@@ -190,19 +252,21 @@ impl Lab {
             shutdown: shutdown.clone(),
             backend_ex: None,
             direct_ex: None,
-            lb_ex: Vec::new(),
+            balancers: Vec::new(),
             threaded_thread: None,
         };
         // On any failure below, dropping `lab` stops what did start.
         let server_cpu = Some(placement.servers);
-        let server_config = BackendConfig {
+        let backend_config = BackendConfig {
             io,
+            delay: setup.delay,
+            delay_on: setup.delay_on.clone(),
             ..BackendConfig::default()
         };
         let backend_ex = backend::spawn(
             backend_listeners,
             server_cpu,
-            server_config.clone(),
+            backend_config,
             shutdown.clone(),
         )?;
         lab.driver = backend_ex.driver.clone();
@@ -210,19 +274,34 @@ impl Lab {
         lab.direct_ex = Some(backend::spawn(
             vec![direct_listener],
             server_cpu,
-            server_config,
+            BackendConfig {
+                io,
+                ..BackendConfig::default()
+            },
             shutdown.clone(),
         )?);
         let lb_cpus: Vec<Option<usize>> = placement.lb.iter().copied().map(Some).collect();
-        lab.lb_ex = balancer::spawn(
-            lb_listeners,
-            &lb_cpus,
-            BalancerConfig {
-                io,
-                ..BalancerConfig::new(backends)
-            },
-            shutdown.clone(),
-        )?;
+        for (name, mode, policy, listeners) in planned {
+            let addr = listeners[0].local_addr()?;
+            let executors = balancer::spawn(
+                listeners,
+                &lb_cpus,
+                BalancerConfig {
+                    io,
+                    mode,
+                    policy,
+                    ..BalancerConfig::new(backends.clone())
+                },
+                shutdown.clone(),
+            )?;
+            lab.balancers.push(LabBalancer {
+                name,
+                addr,
+                mode,
+                policy,
+                executors,
+            });
+        }
         if let Some(threaded_listener) = threaded_listener {
             let stopper = shutdown.clone();
             let cpu = placement.servers;
@@ -240,6 +319,14 @@ impl Lab {
         Ok(lab)
     }
 
+    /// The address of the balancer named `name` (`lb`, `lb-http`, …).
+    pub fn balancer(&self, name: &str) -> Option<SocketAddr> {
+        self.balancers
+            .iter()
+            .find(|b| b.name == name)
+            .map(|b| b.addr)
+    }
+
     /// The measured targets, in the lab's order, with their client placement. With `suffix`
     /// (several labs side by side, one per driver) the names carry the driver: `lb-uring`.
     pub fn targets(&self, placement: &Placement, suffix: bool) -> Vec<NamedTarget> {
@@ -251,29 +338,33 @@ impl Lab {
                 base.to_string()
             }
         };
-        let mut targets = vec![
-            NamedTarget {
-                name: name("lb"),
-                addr: self.lb,
+        let mut targets: Vec<NamedTarget> = self
+            .balancers
+            .iter()
+            .map(|b| NamedTarget {
+                name: name(&b.name),
+                addr: b.addr,
                 description: format!(
-                    "ringlab lb ({} sockets), round robin over backends on ports {}",
+                    "ringlab lb --mode {} --policy {} ({} sockets) over backends on ports {}",
+                    b.mode,
+                    b.policy,
                     self.io,
                     backends.join(", ")
                 ),
                 client_cpus: placement.lb_client.clone(),
                 io: Some(self.io),
-            },
-            NamedTarget {
-                name: name("direct"),
-                addr: self.direct,
-                description: format!(
-                    "ringlab backend ({} sockets), hit directly (one glommio executor)",
-                    self.io
-                ),
-                client_cpus: placement.client.clone(),
-                io: Some(self.io),
-            },
-        ];
+            })
+            .collect();
+        targets.push(NamedTarget {
+            name: name("direct"),
+            addr: self.direct,
+            description: format!(
+                "ringlab backend ({} sockets), hit directly (one glommio executor)",
+                self.io
+            ),
+            client_cpus: placement.client.clone(),
+            io: Some(self.io),
+        });
         if let Some(addr) = self.threaded {
             targets.push(NamedTarget {
                 name: "threaded".into(),
@@ -293,8 +384,10 @@ impl Lab {
 
     fn stop_all(&mut self) {
         self.shutdown.trigger();
-        for ex in self.lb_ex.drain(..) {
-            let _ = ex.join();
+        for b in self.balancers.drain(..) {
+            for ex in b.executors {
+                let _ = ex.join();
+            }
         }
         for ex in [self.backend_ex.take(), self.direct_ex.take()]
             .into_iter()
