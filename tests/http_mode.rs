@@ -350,6 +350,8 @@ fn smuggling_shapes_are_refused_with_400() {
         b"GET / HTTP/1.1\r\nHost: x\r\nX-Folded: a\r\n b\r\n\r\n",
         b"GET / HTTP/1.1\r\nHost : x\r\n\r\n",
         b"GET / HTTP/1.1\r\n\r\n",
+        // HTTP/2 with prior knowledge is not spoken: its preface is no HTTP/1 request.
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
     ] {
         let resp = exchange(lb.addr(), bad);
         assert!(

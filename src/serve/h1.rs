@@ -116,20 +116,23 @@ pub fn parse_request(
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut written = 0;
     for h in req.headers.iter() {
         if !fields.is_hop_by_hop(h.name) {
-            out.extend_from_slice(h.name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(h.value);
-            out.extend_from_slice(b"\r\n");
+            write_field(out, h.name.as_bytes(), h.value);
+            written += 1;
         }
     }
     if fields.host == 0 {
-        out.extend_from_slice(b"Host: ");
-        out.extend_from_slice(default_host.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        write_field(out, b"Host", default_host.as_bytes());
+        written += 1;
     }
     out.extend_from_slice(b"\r\n");
+    // The rewrite can grow a head (a `Host` added, `: ` and CRLF for `:` and LF); what goes to
+    // the backend keeps within the same bounds the balancer holds its clients to.
+    if written > MAX_HEADERS || out.len() > max_head {
+        return Err(RequestError::TooLarge);
+    }
     Ok(Some(Request {
         head_len,
         is_head: method == "HEAD",
@@ -196,6 +199,10 @@ pub fn parse_response(
         _ => return Err(ResponseError::Bad),
     };
     let status = resp.code.ok_or(ResponseError::Bad)?;
+    // Three digits, the first 1 to 9 (httparse takes "020"): anything else is no status.
+    if status < 100 {
+        return Err(ResponseError::Bad);
+    }
     let minor = resp.version.ok_or(ResponseError::Bad)?;
     let fields = Fields::read(resp.headers).map_err(|_| ResponseError::Bad)?;
     let no_body = is_head || (100..200).contains(&status) || status == 204 || status == 304;
@@ -215,26 +222,47 @@ pub fn parse_response(
             fields.connection_keep_alive && !fields.connection_close
         };
     out.clear();
-    let reason = resp.reason.unwrap_or("");
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(status.to_string().as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(reason.as_bytes());
+    // The status line as it came, only the version made 1.1: the code and the reason's bytes
+    // (which may be obs-text) pass unchanged.
+    // httparse skips empty lines before the status line (RFC 9112 §2.2 lets a recipient), so the
+    // line is found after them; it starts with the 8 bytes `HTTP/1.x` httparse checked.
+    let start = window
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .ok_or(ResponseError::Bad)?;
+    let rest = &window[start..];
+    let line_end = rest
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or(ResponseError::Bad)?;
+    let line = rest[..line_end]
+        .strip_suffix(b"\r")
+        .unwrap_or(&rest[..line_end]);
+    let after_version = line.get(8..).ok_or(ResponseError::Bad)?;
+    out.extend_from_slice(b"HTTP/1.1");
+    out.extend_from_slice(after_version);
     out.extend_from_slice(b"\r\n");
+    let mut written = 0;
     for h in resp.headers.iter() {
         if !fields.is_hop_by_hop(h.name) {
-            out.extend_from_slice(h.name.as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(h.value);
-            out.extend_from_slice(b"\r\n");
+            write_field(out, h.name.as_bytes(), h.value);
+            written += 1;
         }
     }
-    match client {
-        ClientConnection::Close => out.extend_from_slice(b"Connection: close\r\n"),
-        ClientConnection::KeepHttp10 => out.extend_from_slice(b"Connection: keep-alive\r\n"),
-        ClientConnection::Keep => {}
+    let connection: &[u8] = match client {
+        ClientConnection::Close => b"close",
+        ClientConnection::KeepHttp10 => b"keep-alive",
+        ClientConnection::Keep => b"",
+    };
+    if !connection.is_empty() {
+        write_field(out, b"Connection", connection);
+        written += 1;
     }
     out.extend_from_slice(b"\r\n");
+    // As for requests: the client gets no head larger than the balancer itself would read.
+    if written > MAX_HEADERS || out.len() > max_head {
+        return Err(ResponseError::Bad);
+    }
     Ok(Some(Response {
         head_len,
         status,
@@ -242,6 +270,14 @@ pub fn parse_response(
         reusable,
         idle_timeout: fields.keep_alive_timeout,
     }))
+}
+
+/// Appends one header field line, in the canonical `name: value` CRLF form.
+fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -661,6 +697,48 @@ mod tests {
                 &mut out
             )
             .is_err()
+        );
+    }
+
+    #[test]
+    fn status_lines_found_by_fuzzing_are_refused_or_passed_byte_for_byte() {
+        let mut out = Vec::new();
+        let mut parse =
+            |head: &[u8]| parse_response(head, 8192, false, ClientConnection::Keep, &mut out);
+        // httparse reads "020" as 20: no valid status, so no response to forward.
+        assert!(parse(b"HTTP/1.1 020 OK\r\nContent-Length: 0\r\n\r\n").is_err());
+        // An empty line before the status line is skipped, not sliced into.
+        let r = parse(b"\nHTTP/1.0 200 \xc2OK\r\nContent-Length: 2\r\n\r\nok")
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            &out[..],
+            &b"HTTP/1.1 200 \xc2OK\r\nContent-Length: 2\r\n\r\n"[..]
+        );
+    }
+
+    #[test]
+    fn a_head_the_rewrite_would_grow_past_the_bounds_is_refused() {
+        // 100 fields in LF-only form fit 8 KiB; with a Host added there are 101.
+        let mut head = b"GET / HTTP/1.0\n".to_vec();
+        for i in 0..MAX_HEADERS {
+            head.extend_from_slice(format!("X-{i}:1\n").as_bytes());
+        }
+        head.extend_from_slice(b"\n");
+        assert_eq!(request(&head).0, Err(RequestError::TooLarge));
+        // Bare `:` and LF grow by three bytes a field: over `max_head` once rewritten.
+        let mut out = Vec::new();
+        let mut small = b"GET / HTTP/1.1\nHost:x\n".to_vec();
+        for _ in 0..40 {
+            small.extend_from_slice(b"A:b\n");
+        }
+        small.extend_from_slice(b"\n");
+        assert!(parse_request(&small, small.len() + 20, "h", &mut out).is_err());
+        assert!(
+            parse_request(&small, 8192, "h", &mut out)
+                .unwrap()
+                .is_some()
         );
     }
 
