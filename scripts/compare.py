@@ -40,9 +40,12 @@ BIN = os.path.join(ROOT, "target", "release", "ringlab")
 HZ = os.sysconf("SC_CLK_TCK")
 BACKENDS = [9002, 9003, 9004, 9005]
 PORTS = {"ringlab-lb-uring": 44444, "ringlab-lb-epoll": 44447, "haproxy": 44445, "nginx-stream": 44446,
-         "ringlab-backend-uring": 45000, "ringlab-backend-epoll": 45002, "nginx": 45001}
-RESERVED = "9002-9005,44444-44447,45000-45002"
+         "ringlab-backend-uring": 45000, "ringlab-backend-epoll": 45002, "nginx": 45001,
+         "ringlab-http": 44480, "haproxy-http": 44481, "nginx-proxy": 44482, "ringlab-tcp": 44483}
+RESERVED = "9002-9005,44444-44447,44480-44483,45000-45002"
 DRIVERS = ["uring", "epoll"]
+# l4: TCP balancers; l7: HTTP-aware balancers; direct: HTTP servers; clients: load generators.
+SECTIONS = ["l4", "l7", "direct", "clients"]
 
 started = []  # (name, Popen) of everything this script started, stopped at exit by pid
 PERF_OUT = os.path.join(tempfile.gettempdir(), f"ringlab-compare-{os.getpid()}.perf")
@@ -82,6 +85,30 @@ def wait_port(port, timeout=10):
     raise SystemExit(f"nothing answers on port {port}; see the logs")
 
 
+def wait_ports_free(ports, timeout=65):
+    """Waits until every fixed port can be bound: a port an earlier client took as its ephemeral
+    port stays held by TIME_WAIT for 60 s after the reservation stopped new ones taking it."""
+    import socket
+    end = time.time() + timeout
+    told = False
+    for port in ports:
+        while True:
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                if time.time() > end:
+                    raise SystemExit(f"port {port} is in use; stop what holds it (ss -tanp | grep :{port})")
+                if not told:
+                    print(f"waiting for port {port} (and the other fixed ports) to leave TIME_WAIT", flush=True)
+                    told = True
+                time.sleep(0.5)
+            finally:
+                s.close()
+
+
 def pids_of(p):
     """The process and its children (nginx workers)."""
     out = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout
@@ -109,23 +136,23 @@ def resched_ipis():
     return [0] * os.cpu_count()
 
 
-def bench(port, n, c, client_cpus):
+def bench(port, n, c, client_cpus, keep_alive=False):
     out = subprocess.run([BIN, "bench", "-n", str(n), "-c", str(c), "--cpus", client_cpus,
-                          "--format", "json", f"http://127.0.0.1:{port}/"],
+                          "--format", "json"] + (["-k"] if keep_alive else []) + [f"http://127.0.0.1:{port}/"],
                          capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"bench against {port} failed: {out.stderr.strip()}")
     return json.loads(out.stdout)
 
 
-def measure_server(name, port, pids, n, c, client_cpus, server_cpus):
+def measure_server(name, port, pids, n, c, client_cpus, server_cpus, keep_alive=False):
     a, ia = cpu_ticks(pids), resched_ipis()
     # System calls of the server's processes while the bench runs (all threads, io-wq included).
     perf = subprocess.Popen(["perf", "stat", "-x,", "-e", "raw_syscalls:sys_enter,syscalls:sys_enter_io_uring_enter",
                              "-p", ",".join(map(str, pids)), "-o", PERF_OUT],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.1)
-    d = bench(port, n, c, client_cpus)
+    d = bench(port, n, c, client_cpus, keep_alive)
     perf.send_signal(signal.SIGINT)
     perf.wait()
     b, ib = cpu_ticks(pids), resched_ipis()
@@ -204,7 +231,7 @@ def machine():
             "command": " ".join(sys.argv)}
 
 
-def haproxy_cfg(path, cores, port, backends=BACKENDS):
+def haproxy_cfg(path, cores, port, backends=BACKENDS, mode="tcp"):
     nofile = os.sysconf("SC_OPEN_MAX")
     maxconn = max(1000, min(8000, (nofile - 200) // 2))
     servers = "\n".join(f"    server b{i} 127.0.0.1:{p}" for i, p in enumerate(backends))
@@ -214,7 +241,8 @@ def haproxy_cfg(path, cores, port, backends=BACKENDS):
     cpu-map auto:1/1-{cores} 0-{cores - 1}
     maxconn {maxconn}
 defaults
-    mode tcp
+    mode {mode}
+    {"http-reuse always" if mode == "http" else ""}
     timeout connect 1s
     timeout client 30s
     timeout server 30s
@@ -227,13 +255,17 @@ backend be
 """)
 
 
-def nginx_conf(path, tmp, cores, stream_port=None, http_port=None, cpu_mask=None, backends=BACKENDS):
+def nginx_conf(path, tmp, cores, stream_port=None, http_port=None, cpu_mask=None, backends=BACKENDS, proxy_port=None):
     ups = " ".join(f"server 127.0.0.1:{p};" for p in backends)
     body = ""
     head = ""
     if stream_port:
         head = "load_module /usr/lib/nginx/modules/ngx_stream_module.so;\n"
         body = f"stream {{ upstream be {{ {ups} }} server {{ listen 127.0.0.1:{stream_port} reuseport; proxy_pass be; proxy_connect_timeout 1s; }} }}\n"
+    if proxy_port:
+        body = f"""http {{ access_log off; upstream be {{ {ups} keepalive 64; keepalive_requests 1000000; }}
+  server {{ listen 127.0.0.1:{proxy_port} reuseport; keepalive_timeout 65;
+    location / {{ proxy_pass http://be; proxy_http_version 1.1; proxy_set_header Connection ""; proxy_buffering off; }} }} }}\n"""
     if http_port:
         body = f"""http {{ access_log off; keepalive_timeout 0;
   server {{ listen 127.0.0.1:{http_port} reuseport; location / {{ return 200 "pong\\n"; }} }} }}\n"""
@@ -262,6 +294,8 @@ def main():
     ap.add_argument("--concurrency", default="50,200,1000",
                     help="concurrency levels for the balancer and direct tables")
     ap.add_argument("--quick", action="store_true", help="tiny run to check the script works")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help="what to measure, of " + ",".join(SECTIONS) + " (all by default)")
     ap.add_argument("--out", default=os.path.join(ROOT, "results"))
     ap.add_argument("--aborts", action="store_true", help="measure how aborts are passed on instead")
     ap.add_argument("--tries", type=int, default=10, help="tries per abort scenario (--aborts)")
@@ -269,6 +303,9 @@ def main():
     if args.aborts:
         return aborts(args)
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
+    args.sections = [x for x in args.sections.split(",") if x]
+    if not args.sections or any(x not in SECTIONS for x in args.sections):
+        raise SystemExit(f"--sections takes a list of {','.join(SECTIONS)}")
     if args.quick:
         args.rounds, args.requests, args.low_requests = 1, 2000, 500
         args.concurrency = [args.concurrency[0]]
@@ -291,6 +328,7 @@ def main():
         atexit.register(lambda: open(reserved_path, "w").write(old_reserved))
     except PermissionError:
         print(f"note: not root, ports stay in the ephemeral range (sysctl net.ipv4.ip_local_reserved_ports={RESERVED})")
+    wait_ports_free(sorted(set(PORTS.values()) | set(BACKENDS)))
 
     tmp = tempfile.mkdtemp(prefix="ringlab-compare-")
     atexit.register(stop_all)
@@ -302,7 +340,7 @@ def main():
 
     results = {"machine": machine(), "concurrency": args.concurrency, "balancers": {},
                "low_concurrency": [], "direct": [], "direct_low": [], "clients": []}
-    for cores in sorted({1, min(2, ncpu)}):
+    for cores in sorted({1, min(2, ncpu)}) if "l4" in args.sections else []:
         lb_cpus = list(range(cores)) if cores > 1 else [0]
         client_cpu = str(last)
         servers = {}
@@ -338,27 +376,67 @@ def main():
             proc.wait(timeout=15)
         started[:] = [s for s in started if s[1].poll() is None]
 
-    # Direct servers: the server on the last CPU, the client on the first.
-    direct = {}
-    for io in DRIVERS:
-        name = f"ringlab-backend-{io}"
-        direct[name] = start(name, [BIN, "backend", "--io", io, "--listen", str(PORTS[name]), "--cpu", str(last)], log_dir=tmp)
-    nginx_conf(f"{tmp}/nginx-http.conf", tmp, 1, http_port=PORTS["nginx"], cpu_mask=format(1 << last, "b"))
-    direct["nginx"] = start("nginx-http", ["nginx", "-c", f"{tmp}/nginx-http.conf"], log_dir=tmp)
-    for name in direct:
-        wait_port(PORTS[name])
-    for c in args.concurrency:
-        for r in range(args.rounds):
-            for name, proc in direct.items():
-                results["direct"].append(measure_server(name, PORTS[name], pids_of(proc), args.requests, c, "0", [last]) | {"round": r})
-    for r in range(max(1, args.rounds // 2)):
-        for c in range(1, 6):
-            for name, proc in direct.items():
-                results["direct_low"].append(measure_server(name, PORTS[name], pids_of(proc), args.low_requests, c, "0", [last]) | {"round": r})
+    if "l7" in args.sections:
+        # HTTP-aware balancers, 2 threads or workers each, over the same backends; ringlab's TCP mode
+        # beside them for the L7/L4 ratio.
+        cores = min(2, ncpu)
+        lb_cpus = list(range(cores))
+        l7 = {}
+        l7["ringlab-http"] = start("ringlab-http", [BIN, "lb", "--mode", "http", "--listen", str(PORTS["ringlab-http"]),
+                                   "--cpus", ",".join(map(str, lb_cpus))] + sum((["--backend", str(p)] for p in BACKENDS), []), log_dir=tmp)
+        l7["ringlab-tcp"] = start("ringlab-tcp", [BIN, "lb", "--listen", str(PORTS["ringlab-tcp"]),
+                                  "--cpus", ",".join(map(str, lb_cpus))] + sum((["--backend", str(p)] for p in BACKENDS), []), log_dir=tmp)
+        haproxy_cfg(f"{tmp}/haproxy-http.cfg", cores, PORTS["haproxy-http"], mode="http")
+        l7["haproxy-http"] = start("haproxy-http", ["haproxy", "-f", f"{tmp}/haproxy-http.cfg"], log_dir=tmp)
+        nginx_conf(f"{tmp}/nginx-proxy.conf", tmp, cores, proxy_port=PORTS["nginx-proxy"])
+        l7["nginx-proxy"] = start("nginx-proxy", ["nginx", "-c", f"{tmp}/nginx-proxy.conf"], log_dir=tmp)
+        for name in l7:
+            wait_port(PORTS[name])
+        time.sleep(0.5)
+        results["l7"] = []
+        for keep_alive in (False, True):
+            for r in range(args.rounds):
+                for name, proc in l7.items():
+                    results["l7"].append(measure_server(name, PORTS[name], pids_of(proc), args.requests, args.concurrency[0],
+                                                        str(last), lb_cpus, keep_alive) | {"round": r, "keep_alive": keep_alive})
+                    print(f"[l7, keep-alive {keep_alive}] round {r + 1}: {name} {results['l7'][-1]['req_per_sec']:.0f} req/s, "
+                          f"{results['l7'][-1]['cpu_us_per_req']:.1f} us CPU/req", flush=True)
+        results["l7_low"] = []
+        for r in range(max(1, args.rounds // 2)):
+            for c in range(1, 6):
+                for name, proc in l7.items():
+                    results["l7_low"].append(measure_server(name, PORTS[name], pids_of(proc), args.low_requests, c, str(last), lb_cpus) | {"round": r})
+        for name, proc in l7.items():
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=15)
+        started[:] = [s for s in started if s[1].poll() is None]
+
+    if "direct" in args.sections:
+        # Direct servers: the server on the last CPU, the client on the first.
+        direct = {}
+        for io in DRIVERS:
+            name = f"ringlab-backend-{io}"
+            direct[name] = start(name, [BIN, "backend", "--io", io, "--listen", str(PORTS[name]), "--cpu", str(last)], log_dir=tmp)
+        nginx_conf(f"{tmp}/nginx-http.conf", tmp, 1, http_port=PORTS["nginx"], cpu_mask=format(1 << last, "b"))
+        direct["nginx"] = start("nginx-http", ["nginx", "-c", f"{tmp}/nginx-http.conf"], log_dir=tmp)
+        for name in direct:
+            wait_port(PORTS[name])
+        for c in args.concurrency:
+            for r in range(args.rounds):
+                for name, proc in direct.items():
+                    results["direct"].append(measure_server(name, PORTS[name], pids_of(proc), args.requests, c, "0", [last]) | {"round": r})
+        for r in range(max(1, args.rounds // 2)):
+            for c in range(1, 6):
+                for name, proc in direct.items():
+                    results["direct_low"].append(measure_server(name, PORTS[name], pids_of(proc), args.low_requests, c, "0", [last]) | {"round": r})
     # Clients against nginx, each pinned to the first CPU.
     wrk_secs = max(1, round(args.requests / 15000))
     c0 = args.concurrency[0]
-    for r in range(args.rounds):
+    if "clients" in args.sections and "direct" not in args.sections:
+        nginx_conf(f"{tmp}/nginx-http.conf", tmp, 1, http_port=PORTS["nginx"], cpu_mask=format(1 << last, "b"))
+        start("nginx-http", ["nginx", "-c", f"{tmp}/nginx-http.conf"], log_dir=tmp)
+        wait_port(PORTS["nginx"])
+    for r in range(args.rounds if "clients" in args.sections else 0):
         for name in ["ringlab-bench-uring", "ringlab-bench-epoll", "ab", "wrk"]:
             results["clients"].append(measure_client(name, PORTS["nginx"], args.requests, c0, 0, wrk_secs) | {"round": r})
     stop_all()
@@ -367,7 +445,8 @@ def main():
 
 def write(res, args):
     m = res["machine"]
-    folder = os.path.join(args.out, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-compare")
+    part = "" if args.sections == SECTIONS else "-" + "-".join(args.sections)
+    folder = os.path.join(args.out, datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S") + "-compare" + part)
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "compare.json"), "w") as f:
         json.dump(res, f, indent=2)
@@ -437,7 +516,40 @@ def write(res, args):
             o.append(f"| {c} | " + " | ".join(f"{med[n]:.3f}" for n in names)
                      + f" | {med['ringlab-lb-uring'] / med['ringlab-lb-epoll']:.2f}× |")
         o.append("")
-    o.append("## Direct servers (server on the last CPU, client on CPU 0)\n")
+    if res.get("l7"):
+        o.append("## HTTP-aware balancers, 2 cores each, c=%d\n" % levels[0])
+        o.append("`ringlab lb --mode http` (pooled keep-alive backend connections) beside HAProxy `mode http` + "
+                 "`http-reuse always` and nginx `proxy_pass` + upstream `keepalive 64`, each with 2 threads or "
+                 "workers on CPUs 0-1, and ringlab's TCP mode, over the same `ringlab backend`s on the last CPU.\n")
+        for keep_alive in (False, True):
+            rows = [r for r in res["l7"] if r.get("keep_alive") == keep_alive]
+            s7 = summarize(rows, keys)
+            o.append(f"### {'Keep-alive clients (`-k`)' if keep_alive else 'A new client connection per request'}\n")
+            o.append(fmt_table(s7, cols))
+            o.append("")
+            peers = [x for x in s7 if not x["name"].startswith("ringlab")]
+            best = max(peers, key=lambda x: x["req_per_sec"])
+            low = min(peers, key=lambda x: x["cpu_us_per_req"])
+            ours = next(x for x in s7 if x["name"] == "ringlab-http")
+            tcp = next(x for x in s7 if x["name"] == "ringlab-tcp")
+            kind = "keep-alive clients" if keep_alive else "new connections"
+            summary.append(f"| http-mode lb / best L7 peer ({best['name']}), {kind} | {levels[0]} | "
+                           f"{ours['req_per_sec'] / best['req_per_sec']:.2f}× | "
+                           f"{ours['cpu_us_per_req'] / low['cpu_us_per_req']:.2f}× (vs {low['name']}) |")
+            summary.append(f"| http-mode lb / ringlab tcp mode, {kind} | {levels[0]} | "
+                           f"{ours['req_per_sec'] / tcp['req_per_sec']:.2f}× | "
+                           f"{ours['cpu_us_per_req'] / tcp['cpu_us_per_req']:.2f}× |")
+    if res.get("l7_low"):
+        o.append("### Time per request through each HTTP-aware balancer at c=1..5 (ms, median)\n")
+        names = list(dict.fromkeys(r["name"] for r in res["l7_low"]))
+        o.append("| c | " + " | ".join(names) + " |\n| ---: |" + " ---: |" * len(names))
+        for c in range(1, 6):
+            med = {n: statistics.median(r["time_per_request_ms"] for r in res["l7_low"]
+                                        if r["name"] == n and r["concurrency"] == c) for n in names}
+            o.append(f"| {c} | " + " | ".join(f"{med[n]:.3f}" for n in names) + " |")
+        o.append("")
+    if res["direct"]:
+        o.append("## Direct servers (server on the last CPU, client on CPU 0)\n")
     for c in levels:
         s = summarize(at(res["direct"], c), keys)
         if not s:
@@ -459,9 +571,10 @@ def write(res, args):
             o.append(f"| {c} | " + " | ".join(f"{med[n]:.3f}" for n in names)
                      + f" | {med['ringlab-backend-uring'] / med['ringlab-backend-epoll']:.2f}× |")
         o.append("")
-    s = summarize(res["clients"], ["req_per_sec", "cpu_us_per_req"])
-    o.append(f"## Clients against nginx, c={levels[0]}, pinned to CPU 0\n")
-    o.append(fmt_table(s, [("client", lambda r: r["name"]), ("req/s", rate), ("client CPU µs/request", cpu)]))
+    if res["clients"]:
+        s = summarize(res["clients"], ["req_per_sec", "cpu_us_per_req"])
+        o.append(f"## Clients against nginx, c={levels[0]}, pinned to CPU 0\n")
+        o.append(fmt_table(s, [("client", lambda r: r["name"]), ("req/s", rate), ("client CPU µs/request", cpu)]))
     o = o[:8] + summary + [""] + o[8:]
     o.append("\n`compare.json` holds every round.\n")
     with open(os.path.join(folder, "README.md"), "w") as f:
