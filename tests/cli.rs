@@ -4,6 +4,9 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+mod common;
+use common::Proc;
+
 fn ringlab() -> Command {
     Command::new(env!("CARGO_BIN_EXE_ringlab"))
 }
@@ -69,22 +72,24 @@ fn an_unavailable_cpu_is_refused() {
 
 #[test]
 fn sigterm_drains_prints_counters_and_exits_zero() {
-    let mut child = ringlab()
-        .args(["lb", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
+    let mut child = Proc(
+        ringlab()
+            .args(["lb", "--listen", "127.0.0.1:0", "--backend", "127.0.0.1:9"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut stdout = BufReader::new(child.0.stdout.take().unwrap());
     let mut banner = String::new();
     stdout.read_line(&mut banner).unwrap();
     assert!(banner.contains("round-robin"), "{banner}");
     assert!(banner.contains("on CPU"), "placement not printed: {banner}");
     // SAFETY: signalling a child this test started, by its pid.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let status = loop {
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.0.try_wait().unwrap() {
             break status;
         }
         assert!(

@@ -19,16 +19,6 @@ fn ringlab() -> Command {
 }
 
 /// A `ringlab` child process, stopped (by its pid) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling a child this test started, by its pid.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGKILL) };
-        let _ = self.0.wait();
-    }
-}
-
 /// Starts `ringlab lb --listen 127.0.0.1:0 ARGS…` and returns it with the port it printed.
 fn lb(args: &[&str]) -> (Proc, SocketAddr) {
     let mut child = ringlab()

@@ -1,6 +1,6 @@
 //! Shared test scaffolding: real servers started in-process on `127.0.0.1:0`, stopped on drop,
 //! and a raw-socket HTTP client that shows exactly the bytes on the wire.
-#![allow(dead_code)]
+#![allow(dead_code, unused_macros)]
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -13,6 +13,20 @@ use ringlab::io::shutdown::Shutdown;
 use ringlab::lab::client::{BenchConfig, Target};
 use ringlab::serve::backend::{self, BackendConfig, ListenerStats};
 use ringlab::serve::balancer::{self, BalancerConfig, BalancerReport};
+
+/// A child process a test started, killed (by its pid) and reaped when the test ends however it
+/// ends, so a failed assertion never leaves a server running.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        // SAFETY: signalling a child this test started and has not reaped, by its pid.
+        if matches!(self.0.try_wait(), Ok(None)) {
+            unsafe { libc::kill(self.0.id() as i32, libc::SIGKILL) };
+        }
+        let _ = self.0.wait();
+    }
+}
 
 thread_local! {
     /// The socket driver of the test running on this thread (see [`both_drivers`]).
