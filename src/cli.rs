@@ -7,7 +7,9 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::io::driver::IoMode;
+use crate::lab::pacer::Arrival;
 use crate::lab::report::Format;
+use crate::lab::target::RequestSpec;
 use crate::serve::balancer::Mode;
 use crate::serve::policy::Policy;
 
@@ -207,10 +209,13 @@ pub struct BenchArgs {
     /// The URL to request, e.g. http://127.0.0.1:44444/
     #[arg(value_name = "URL")]
     pub url: String,
-    /// Requests to perform [default: 1000, or 50000 with -t, as ab does].
+    /// Requests to perform [default: 1000, or 50000 with -t, as ab does; with --rate and -t,
+    /// rate × time].
     #[arg(short = 'n', long = "requests", value_name = "N", value_parser = at_least::<1>)]
     pub requests: Option<u64>,
-    /// Requests to run at once (closed loop: each worker waits for its response); at most -n.
+    /// Requests to run at once (closed loop: each worker waits for its response; with --rate,
+    /// the most in flight, so a slow server makes requests wait and that wait is measured); at
+    /// most -n.
     #[arg(
         short = 'c',
         long = "concurrency",
@@ -222,13 +227,48 @@ pub struct BenchArgs {
     /// Reuse connections (HTTP keep-alive), like ab -k.
     #[arg(short = 'k', long = "keep-alive")]
     pub keep_alive: bool,
+    /// Open loop: send this many requests per second in total (2000, 2k, 1.5k) at intended
+    /// times, whatever the answers, and measure latency from each intended time (coordinated
+    /// omission corrected, as wrk2 -R). Without it the loop is closed, as ab's.
+    #[arg(short = 'R', long, value_name = "REQ/S", value_parser = parse_rate)]
+    pub rate: Option<f64>,
+    /// How --rate spaces intended send times: fixed intervals (wrk2) or Poisson arrivals.
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = Arrival::Fixed, requires = "rate")]
+    pub arrival: Arrival,
+    /// Write the latency percentile spectrum to FILE in HdrHistogram's .hgrm text format (ms),
+    /// as wrk2 prints it; with --rate, the corrected latencies.
+    #[arg(long, value_name = "FILE")]
+    pub latency_out: Option<std::path::PathBuf>,
     /// Stop starting requests after this long, e.g. 10s.
     #[arg(short = 't', long = "time-limit", value_name = "DURATION", value_parser = parse_duration)]
     pub time_limit: Option<Duration>,
+    /// Method to send, e.g. PUT or DELETE [default: GET, POST with -p, HEAD with -i].
+    #[arg(short = 'm', long, value_name = "METHOD", value_parser = parse_method)]
+    pub method: Option<String>,
+    /// Send HEAD instead of GET (and read no body), like ab -i.
+    #[arg(short = 'i', long = "head", conflicts_with = "post_file")]
+    pub head: bool,
+    /// Add a header, e.g. -H 'Accept-Encoding: gzip'; repeatable. One named Host, User-Agent
+    /// or Accept replaces the default.
+    #[arg(short = 'H', long = "header", value_name = "'NAME: VALUE'", value_parser = parse_header)]
+    pub headers: Vec<(String, String)>,
+    /// Send FILE's contents as the request body (POST unless -m), like ab -p.
+    #[arg(short = 'p', long = "post-file", value_name = "FILE")]
+    pub post_file: Option<std::path::PathBuf>,
+    /// Content-Type of the -p body, like ab -T.
+    #[arg(
+        short = 'T',
+        long = "content-type",
+        value_name = "TYPE",
+        default_value = "text/plain",
+        requires = "post_file"
+    )]
+    pub content_type: String,
     /// Connect and response timeout per request.
     #[arg(short = 's', long = "timeout", value_name = "DURATION", default_value = "30s", value_parser = parse_duration)]
     pub timeout: Duration,
-    /// CPUs for the client's executors, one each, e.g. 0 or 0,1 [default: the first CPU].
+    /// CPUs for the client's executors, one each, e.g. 0 or 0,1 [default: every CPU this
+    /// process may run on, as wrk uses all cores; never more executors than -c].
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
     pub cpus: Option<CpuList>,
     /// Socket driver: io_uring (a ring per executor, SINGLE_ISSUER|DEFER_TASKRUN where the
@@ -456,6 +496,34 @@ pub fn parse_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("cannot resolve '{s}': {e}"))?
         .next()
         .ok_or_else(bad)
+}
+
+/// Parses a request rate: `2000`, `2k`, `1.5k` or `1m` (per second, positive).
+pub fn parse_rate(s: &str) -> Result<f64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let (num, scale) = if let Some(n) = t.strip_suffix('k') {
+        (n, 1e3)
+    } else if let Some(n) = t.strip_suffix('m') {
+        (n, 1e6)
+    } else {
+        (t.as_str(), 1.0)
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v * scale <= 1e8 => Ok(v * scale),
+        _ => Err(format!(
+            "'{s}' is not a rate; use requests per second such as 2000, 2k or 1.5k"
+        )),
+    }
+}
+
+/// Parses an HTTP method token.
+fn parse_method(s: &str) -> Result<String, String> {
+    RequestSpec::check_method(s).map(|()| s.to_string())
+}
+
+/// Parses `-H 'Name: value'`.
+fn parse_header(s: &str) -> Result<(String, String), String> {
+    RequestSpec::parse_header(s)
 }
 
 /// Parses `50us`, `500ms`, `2s`, `1.5s`, `1m` or a bare number of seconds.

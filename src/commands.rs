@@ -11,7 +11,8 @@ use crate::io::limits;
 use crate::io::listen;
 use crate::io::placement;
 use crate::io::shutdown::{self, Shutdown};
-use crate::lab::client::{self, BenchConfig, Target};
+use crate::lab::client::{self, BenchConfig, RequestSpec, Target};
+use crate::lab::hgrm;
 use crate::lab::report;
 use crate::lab::results;
 use crate::lab::sweep::{self, SweepConfig};
@@ -38,11 +39,13 @@ pub fn run(command: Command) -> io::Result<()> {
 fn run_bench(args: BenchArgs, shutdown: Shutdown) -> io::Result<()> {
     let target =
         Target::parse(&args.url).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let requests = args.requests.unwrap_or(if args.time_limit.is_some() {
-        client::TIMED_REQUESTS
-    } else {
-        1000
-    });
+    let requests = match (args.requests, args.time_limit, args.rate) {
+        (Some(n), _, _) => n,
+        // An open loop for a time: as many requests as the rate sends in it.
+        (None, Some(t), Some(rate)) => (rate * t.as_secs_f64()).ceil().max(1.0) as u64,
+        (None, Some(_), None) => client::TIMED_REQUESTS,
+        (None, None, _) => 1000,
+    };
     if args.concurrency as u64 > requests {
         // ab refuses this too: the extra workers would never send, yet the report would divide
         // by them.
@@ -52,11 +55,36 @@ fn run_bench(args: BenchArgs, shutdown: Shutdown) -> io::Result<()> {
             args.concurrency
         )));
     }
-    let cpus = args
-        .cpus
-        .map_or_else(|| vec![placement::default_cpu(1)], |l| l.0);
+    let body = match &args.post_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .map_err(|e| io::Error::new(e.kind(), format!("-p {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let method = args.method.clone().unwrap_or_else(|| {
+        if args.head {
+            "HEAD".into()
+        } else if body.is_some() {
+            "POST".into()
+        } else {
+            "GET".into()
+        }
+    });
+    let request = RequestSpec {
+        method,
+        headers: args.headers.clone(),
+        body,
+        content_type: args.content_type.clone(),
+    };
+    // Standalone, the client takes every CPU it may use, as wrk does; the sweep keeps its own
+    // measured placement.
+    let cpus = args.cpus.map_or_else(placement::allowed_cpus, |l| l.0);
     let result = client::run(BenchConfig {
         target,
+        request,
+        rate: args.rate,
+        arrival: args.arrival,
         requests,
         concurrency: args.concurrency,
         keep_alive: args.keep_alive,
@@ -67,6 +95,11 @@ fn run_bench(args: BenchArgs, shutdown: Shutdown) -> io::Result<()> {
         stop: Some(shutdown),
     })?;
     print!("{}", report::render(&result, args.format));
+    if let Some(path) = &args.latency_out {
+        std::fs::write(path, hgrm::percentile_distribution(&result.histogram)).map_err(|e| {
+            io::Error::new(e.kind(), format!("--latency-out {}: {e}", path.display()))
+        })?;
+    }
     if result.interrupted {
         return Err(io::Error::new(
             io::ErrorKind::Interrupted,

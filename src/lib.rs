@@ -7,4 +7,5 @@ pub mod cli;
 pub mod commands;
 pub mod io;
 pub mod lab;
+pub mod rng;
 pub mod serve;

@@ -1,13 +1,14 @@
-//! The closed-loop HTTP load generator behind `ringlab bench`: `c` workers on pinned glommio
-//! executors each connect, send one request, read the whole response, close (unless keep-alive)
-//! and go again until `n` requests are done or the time limit passes. It counts the way ApacheBench
-//! counts, and records latencies in HdrHistograms at microsecond resolution.
+//! The HTTP load generator behind `ringlab bench`: `c` workers on pinned glommio executors each
+//! connect, send one request, read the whole response, close (unless keep-alive) and go again
+//! until `n` requests are done or the time limit passes. Closed loop by default (a worker sends
+//! when its last answer came, as ab does); with a rate, open loop (a worker sends at the next
+//! intended time from [`crate::lab::pacer`], and latency counts from that time). It counts the way
+//! ApacheBench counts, and records latencies in HdrHistograms at microsecond resolution.
 //!
 //! Printing lives in [`crate::lab::report`]; this module only measures.
 
 use std::cell::RefCell;
 use std::io;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -21,7 +22,11 @@ use crate::io::deadline::{Deadline, Deadlines};
 use crate::io::driver::{self, IoMode};
 use crate::io::placement;
 use crate::io::shutdown::{LocalStop, Shutdown};
+use crate::io::time;
+use crate::lab::pacer::{Arrival, Pacer};
 use crate::serve::http;
+
+pub use crate::lab::target::{RequestSpec, Target};
 
 /// ab's default number of requests for a time-limited run without `-n`.
 pub const TIMED_REQUESTS: u64 = 50_000;
@@ -29,164 +34,25 @@ pub const TIMED_REQUESTS: u64 = 50_000;
 /// Connect failures tolerated before any success, as ab does, before the run is declared dead.
 const DEAD_TARGET_FAILURES: u64 = 10;
 
-/// Where to send requests, parsed from an `http://host:port/path` URL.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Target {
-    /// The resolved address.
-    pub addr: SocketAddr,
-    /// The host as written (for the `Host` header and the report).
-    pub host: String,
-    /// The port.
-    pub port: u16,
-    /// The path, query included, as sent on the request line.
-    pub path: String,
-    /// An `Authorization` header value from credentials in the URL (never printed).
-    #[serde(skip)]
-    pub authorization: Option<String>,
-}
+/// An open-loop request sent later than this after its intended time counts as late.
+pub const LATE: Duration = Duration::from_millis(1);
 
-impl Target {
-    /// Parses an `http://` URL (the scheme in any case, as RFC 3986 allows); the port defaults
-    /// to 80 and the path to `/`. Credentials in the URL (`http://user:pw@host/`) become a
-    /// Basic `Authorization` header, as curl sends them; characters a request line cannot carry
-    /// raw (a space, say) are percent-encoded, as curl and browsers do.
-    pub fn parse(url: &str) -> Result<Target, String> {
-        let scheme_end = url.find("://");
-        let rest = match scheme_end.map(|i| (&url[..i], &url[i + 3..])) {
-            Some((scheme, rest)) if scheme.eq_ignore_ascii_case("http") => rest,
-            Some((scheme, _)) if scheme.eq_ignore_ascii_case("https") => {
-                return Err(format!("'{url}': https is not supported; use http://"));
-            }
-            _ => {
-                return Err(format!(
-                    "'{url}' is not a URL; expected http://HOST:PORT/PATH"
-                ));
-            }
-        };
-        let (authority, path) = match rest.find(['/', '?']) {
-            Some(i) if rest.as_bytes()[i] == b'?' => (&rest[..i], format!("/{}", &rest[i..])),
-            Some(i) => (&rest[..i], rest[i..].to_string()),
-            None => (rest, "/".to_string()),
-        };
-        let (userinfo, authority) = match authority.rsplit_once('@') {
-            Some((u, a)) => (Some(u), a),
-            None => (None, authority),
-        };
-        if authority.is_empty() {
-            return Err(format!("'{url}' has no host"));
-        }
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => {
-                let port = p
-                    .parse::<u16>()
-                    .map_err(|_| format!("'{url}': bad port '{p}'"))?;
-                (h.to_string(), port)
-            }
-            _ => (authority.to_string(), 80),
-        };
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let addr = (bare, port)
-            .to_socket_addrs()
-            .map_err(|e| format!("cannot resolve '{host}': {e}"))?
-            .next()
-            .ok_or_else(|| format!("cannot resolve '{host}'"))?;
-        let authorization = userinfo.map(|u| {
-            use base64::Engine;
-            let decoded = percent_decode(u);
-            format!(
-                "Basic {}",
-                base64::engine::general_purpose::STANDARD.encode(decoded)
-            )
-        });
-        Ok(Target {
-            addr,
-            host,
-            port,
-            path: percent_encode_path(&path),
-            authorization,
-        })
-    }
-
-    /// The target for an address, path `/`.
-    pub fn from_addr(addr: SocketAddr) -> Target {
-        Target {
-            addr,
-            host: addr.ip().to_string(),
-            port: addr.port(),
-            path: "/".to_string(),
-            authorization: None,
-        }
-    }
-
-    /// `http://host:port/path`.
-    pub fn url(&self) -> String {
-        format!("http://{}:{}{}", self.host, self.port, self.path)
-    }
-
-    fn request(&self, keep_alive: bool) -> Vec<u8> {
-        let mut r = format!(
-            "GET {} HTTP/1.0\r\nHost: {}:{}\r\nUser-Agent: ringlab/{}\r\nAccept: */*\r\n",
-            self.path,
-            self.host,
-            self.port,
-            env!("CARGO_PKG_VERSION")
-        );
-        if let Some(auth) = &self.authorization {
-            r.push_str(&format!("Authorization: {auth}\r\n"));
-        }
-        if keep_alive {
-            r.push_str("Connection: Keep-Alive\r\n");
-        }
-        r.push_str("\r\n");
-        r.into_bytes()
-    }
-}
-
-/// Percent-encodes the bytes a request target cannot carry raw (controls, space, non-ASCII and
-/// the few printable characters RFC 3986 excludes); an existing `%XX` is kept as it is.
-fn percent_encode_path(path: &str) -> String {
-    let mut out = String::with_capacity(path.len());
-    for &b in path.as_bytes() {
-        let raw = b.is_ascii_graphic()
-            && !matches!(
-                b,
-                b'"' | b'<' | b'>' | b'\\' | b'^' | b'`' | b'{' | b'|' | b'}'
-            );
-        if raw {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// Decodes `%XX` escapes (credentials in a URL may carry them); malformed escapes stay as
-/// written.
-fn percent_decode(s: &str) -> Vec<u8> {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    out
-}
+/// An executor busy on the CPU for this share of the run could not have paced any faster: the
+/// client, not the server, was the limit.
+const CLIENT_BOUND_BUSY: f64 = 0.9;
 
 /// How to run one benchmark.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
     /// What to hit.
     pub target: Target,
+    /// What to send: method, headers, body.
+    pub request: RequestSpec,
+    /// Open loop: requests per second in total, each sent at its intended time whatever the
+    /// answers (`--rate`); `None` is the closed loop.
+    pub rate: Option<f64>,
+    /// How the open loop spaces intended send times.
+    pub arrival: Arrival,
     /// Requests to complete (`-n`).
     pub requests: u64,
     /// Workers running at once (`-c`).
@@ -263,6 +129,44 @@ pub struct Percentiles {
     pub max: u64,
 }
 
+impl Percentiles {
+    fn of(h: &Histogram<u64>) -> Percentiles {
+        Percentiles {
+            p50: h.value_at_quantile(0.5),
+            p90: h.value_at_quantile(0.9),
+            p99: h.value_at_quantile(0.99),
+            p999: h.value_at_quantile(0.999),
+            max: h.max(),
+        }
+    }
+}
+
+/// What an open-loop run measured besides the closed loop's numbers.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenLoop {
+    /// Requests per second asked for.
+    pub offered_rate: f64,
+    /// How intended times were spaced.
+    pub arrival: Arrival,
+    /// Latency from each request's actual send (what a closed-loop client reports), in µs;
+    /// `BenchResult::latency_us` is from the intended send.
+    pub uncorrected_us: Percentiles,
+    /// Actual minus intended send time over all requests, in µs.
+    pub send_lag_us: Percentiles,
+    /// The same over requests a connection was free for: the pacer's own jitter, in µs.
+    pub pacer_lag_us: Percentiles,
+    /// Requests sent more than [`LATE`] after their intended time.
+    pub late: u64,
+    /// Of those, the ones that waited because all `-c` connections were busy (the server was
+    /// slow); the rest were late because the client itself was.
+    pub late_waiting_for_connection: u64,
+    /// Each client executor's CPU time over the run's wall time (1.0 = never idle).
+    pub client_busy: Vec<f64>,
+    /// The client could not generate the offered rate: achieved below 98% of it while an
+    /// executor was busy nearly all the time.
+    pub client_bound: bool,
+}
+
 /// Everything one benchmark measured.
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchResult {
@@ -299,8 +203,20 @@ pub struct BenchResult {
     pub waiting_ms: TimeStats,
     /// Start to end of each request.
     pub total_ms: TimeStats,
-    /// Percentiles of the total time, in microseconds.
+    /// Percentiles of the total time, in microseconds: from the intended send time in an open
+    /// loop (coordinated omission corrected), from the connect in a closed one.
     pub latency_us: Percentiles,
+    /// The histogram behind `latency_us`, every count (not serialized as is: see
+    /// `latency_histogram`).
+    #[serde(skip)]
+    pub histogram: Histogram<u64>,
+    /// `histogram` in HdrHistogram's V2 compressed serialization, base64 ([`crate::lab::hgrm`]),
+    /// so runs can be merged and re-plotted without losing precision.
+    pub latency_histogram: String,
+    /// The method sent (`GET` unless `-m`, `-i` or `-p` changed it).
+    pub method: String,
+    /// Open-loop measurements, when run with a rate.
+    pub open_loop: Option<OpenLoop>,
     /// Responses per `Server` header value, sorted by value.
     pub backends: Vec<(String, u64)>,
     /// Where the client's executors ran.
@@ -360,6 +276,8 @@ struct Shared {
     epoch: Instant,
     /// Nanoseconds after `epoch` at which no new request starts; `u64::MAX` for none.
     deadline_ns: AtomicU64,
+    /// Nanoseconds after `epoch` at which the run starts: the open loop's first slot.
+    start_ns: AtomicU64,
     /// The start signal: executors wait here so they all begin together.
     go: (Mutex<bool>, Condvar),
 }
@@ -410,6 +328,16 @@ struct Tally {
     processing: Histogram<u64>,
     waiting: Histogram<u64>,
     total: Histogram<u64>,
+    /// Open loop: end minus intended send time.
+    corrected: Histogram<u64>,
+    /// Open loop: actual minus intended send time, all requests and those a connection was
+    /// free for.
+    send_lag: Histogram<u64>,
+    pacer_lag: Histogram<u64>,
+    late: u64,
+    late_waiting: u64,
+    /// Per executor: CPU time over wall time.
+    busy: Vec<f64>,
     servers: Vec<(Vec<u8>, u64)>,
     last_end: Option<Instant>,
     first_error: Option<String>,
@@ -431,6 +359,12 @@ impl Tally {
             processing: h(),
             waiting: h(),
             total: h(),
+            corrected: h(),
+            send_lag: h(),
+            pacer_lag: h(),
+            late: 0,
+            late_waiting: 0,
+            busy: Vec::new(),
             servers: Vec::new(),
             last_end: None,
             first_error: None,
@@ -449,6 +383,12 @@ impl Tally {
         let _ = self.processing.add(&o.processing);
         let _ = self.waiting.add(&o.waiting);
         let _ = self.total.add(&o.total);
+        let _ = self.corrected.add(&o.corrected);
+        let _ = self.send_lag.add(&o.send_lag);
+        let _ = self.pacer_lag.add(&o.pacer_lag);
+        self.late += o.late;
+        self.late_waiting += o.late_waiting;
+        self.busy.extend(o.busy);
         for (name, count) in o.servers {
             self.count_server(&name, count);
         }
@@ -476,6 +416,12 @@ pub fn run(config: BenchConfig) -> io::Result<BenchResult> {
             "need at least one request and a concurrency of at least 1",
         ));
     }
+    if config.rate.is_some_and(|r| !(r.is_finite() && r > 0.0)) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "the rate must be a positive number of requests per second",
+        ));
+    }
     let cpus = if config.cpus.is_empty() {
         vec![None]
     } else {
@@ -484,7 +430,7 @@ pub fn run(config: BenchConfig) -> io::Result<BenchResult> {
     // More executors than workers would only idle.
     let executors = cpus.len().min(config.concurrency);
     let shared = Arc::new(Shared {
-        request: config.target.request(config.keep_alive),
+        request: config.target.request(&config.request, config.keep_alive),
         started: AtomicU64::new(0),
         good: AtomicU64::new(0),
         connect_failures: AtomicU64::new(0),
@@ -492,6 +438,7 @@ pub fn run(config: BenchConfig) -> io::Result<BenchResult> {
         dead: AtomicBool::new(false),
         epoch: Instant::now(),
         deadline_ns: AtomicU64::new(u64::MAX),
+        start_ns: AtomicU64::new(0),
         go: (Mutex::new(false), Condvar::new()),
         config: config.clone(),
     });
@@ -505,9 +452,15 @@ pub fn run(config: BenchConfig) -> io::Result<BenchResult> {
             None => format!("bench-{i}"),
         };
         let mine = shared.clone();
+        // This executor's share of the rate, in proportion to its workers; fixed schedules are
+        // staggered by one gap of the whole rate so the executors' sends interleave.
+        let pacing = config.rate.map(|rate| {
+            let share = rate * workers as f64 / config.concurrency as f64;
+            (share, Duration::from_secs_f64(i as f64 / rate), i as u64)
+        });
         match placement::spawn_pinned(&name, cpu, config.io, move || async move {
             mine.wait_for_go();
-            executor_main(mine, workers).await
+            executor_main(mine, workers, pacing).await
         }) {
             Ok(h) => handles.push(h),
             Err(e) => {
@@ -523,6 +476,10 @@ pub fn run(config: BenchConfig) -> io::Result<BenchResult> {
     }
     // Every executor is up (spawn_pinned returns once its rings exist); start them together.
     let start = Instant::now();
+    shared.start_ns.store(
+        start.duration_since(shared.epoch).as_nanos() as u64,
+        Ordering::Relaxed,
+    );
     if let Some(limit) = config.time_limit {
         let at = start.duration_since(shared.epoch) + limit;
         shared
@@ -576,7 +533,30 @@ fn build_result(
         .collect();
     backends.sort();
     let server_software = backends.first().map(|b| b.0.clone()).unwrap_or_default();
-    let total = &tally.total;
+    let latency = if config.rate.is_some() {
+        &tally.corrected
+    } else {
+        &tally.total
+    };
+    let open_loop = config.rate.map(|offered_rate| {
+        let achieved = if elapsed.is_zero() {
+            0.0
+        } else {
+            tally.complete as f64 / elapsed.as_secs_f64()
+        };
+        let busiest = tally.busy.iter().copied().fold(0.0, f64::max);
+        OpenLoop {
+            offered_rate,
+            arrival: config.arrival,
+            uncorrected_us: Percentiles::of(&tally.total),
+            send_lag_us: Percentiles::of(&tally.send_lag),
+            pacer_lag_us: Percentiles::of(&tally.pacer_lag),
+            late: tally.late,
+            late_waiting_for_connection: tally.late_waiting,
+            client_busy: tally.busy.clone(),
+            client_bound: achieved < 0.98 * offered_rate && busiest >= CLIENT_BOUND_BUSY,
+        }
+    });
     BenchResult {
         target: config.target.clone(),
         concurrency: config.concurrency,
@@ -593,14 +573,12 @@ fn build_result(
         connect_ms: time_stats(&tally.connect),
         processing_ms: time_stats(&tally.processing),
         waiting_ms: time_stats(&tally.waiting),
-        total_ms: time_stats(total),
-        latency_us: Percentiles {
-            p50: total.value_at_quantile(0.5),
-            p90: total.value_at_quantile(0.9),
-            p99: total.value_at_quantile(0.99),
-            p999: total.value_at_quantile(0.999),
-            max: total.max(),
-        },
+        total_ms: time_stats(&tally.total),
+        latency_us: Percentiles::of(latency),
+        histogram: latency.clone(),
+        latency_histogram: crate::lab::hgrm::encode(latency),
+        method: config.request.method.clone(),
+        open_loop,
         backends,
         client_cpus: cpus.to_vec(),
         first_error: tally.first_error.clone(),
@@ -622,8 +600,27 @@ fn time_stats(h: &Histogram<u64>) -> TimeStats {
     }
 }
 
-async fn executor_main(shared: Arc<Shared>, workers: usize) -> Tally {
+/// One executor's part of the run: its workers, their deadlines ticker, and (open loop) its
+/// share of the schedule, given as (rate, phase, seed).
+async fn executor_main(
+    shared: Arc<Shared>,
+    workers: usize,
+    pacing: Option<(f64, Duration, u64)>,
+) -> Tally {
+    let cpu_at_start = placement::thread_cpu();
+    let wall_at_start = Instant::now();
     let tally = Rc::new(RefCell::new(Tally::new()));
+    if pacing.is_some() {
+        // The kernel may fire a sleeping thread's timer up to its timer slack late (50 µs by
+        // default) to batch wake-ups; a pacer wants its slots on time.
+        // SAFETY: PR_SET_TIMERSLACK takes a plain integer and affects only this thread.
+        unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1 as libc::c_ulong) };
+    }
+    let pacer = pacing.map(|(rate, phase, seed)| {
+        let start = shared.epoch + Duration::from_nanos(shared.start_ns.load(Ordering::Relaxed));
+        let seed = 0x9e37_79b9_7f4a_7c15u64.wrapping_mul(seed + 1);
+        Rc::new(Pacer::new(start, rate, phase, shared.config.arrival, seed))
+    });
     let deadlines = Deadlines::new(Deadlines::tick_for(shared.config.timeout));
     let stop = LocalStop::default();
     let ticker = driver::spawn_local(deadlines.clone().run(stop.clone()));
@@ -638,6 +635,7 @@ async fn executor_main(shared: Arc<Shared>, workers: usize) -> Tally {
                 tally.clone(),
                 deadlines.clone(),
                 interrupt.clone(),
+                pacer.clone(),
             ))
         })
         .collect();
@@ -646,10 +644,18 @@ async fn executor_main(shared: Arc<Shared>, workers: usize) -> Tally {
     }
     stop.fire();
     drop(ticker);
-    Rc::try_unwrap(tally)
+    let mut tally = Rc::try_unwrap(tally)
         .ok()
         .expect("workers finished")
-        .into_inner()
+        .into_inner();
+    let wall = wall_at_start.elapsed().as_secs_f64();
+    let cpu = (placement::thread_cpu() - cpu_at_start).as_secs_f64();
+    tally.busy.push(if wall > 0.0 {
+        (cpu / wall).min(1.0)
+    } else {
+        0.0
+    });
+    tally
 }
 
 /// How one request attempt ended.
@@ -680,6 +686,7 @@ async fn worker(
     tally: Rc<RefCell<Tally>>,
     deadlines: Rc<Deadlines>,
     interrupt: LocalStop,
+    pacer: Option<Rc<Pacer>>,
 ) {
     let mut buf = Vec::with_capacity(16 * 1024);
     // The worker's own copy: an io_uring send owns its bytes while the kernel sends them.
@@ -689,6 +696,10 @@ async fn worker(
     let mut kept: Option<(Conn, Deadline)> = None;
     while shared.claim() {
         let attempt = async {
+            let origin = match &pacer {
+                Some(pacer) => Some(wait_for_slot(pacer, &tally).await),
+                None => None,
+            };
             one_request(
                 &shared,
                 &tally,
@@ -696,6 +707,7 @@ async fn worker(
                 &mut kept,
                 &mut request,
                 &mut buf,
+                origin,
             )
             .await;
             true
@@ -712,7 +724,39 @@ async fn worker(
     }
 }
 
-/// Makes one request (retrying a stale kept-alive connection on a fresh one) and tallies it.
+/// Takes this executor's next open-loop slot and waits for it; returns its intended send time.
+/// A worker that comes free after its slot sends at once: every connection was busy, and the
+/// wait is charged to the request.
+async fn wait_for_slot(pacer: &Pacer, tally: &RefCell<Tally>) -> Instant {
+    let intended = pacer.next_slot();
+    let free_in_time = Instant::now() <= intended;
+    if free_in_time {
+        let wake_at = pacer.wake_at(intended);
+        if Instant::now() < wake_at {
+            time::sleep_until(wake_at).await;
+            pacer.woke(wake_at, Instant::now());
+        }
+        // The last few microseconds, yielding to the executor's other tasks meanwhile.
+        while Instant::now() < intended {
+            futures_lite::future::yield_now().await;
+        }
+    }
+    let lag = Instant::now().saturating_duration_since(intended);
+    let mut t = tally.borrow_mut();
+    let us = (lag.as_micros() as u64).max(1);
+    let _ = t.send_lag.record(us);
+    if free_in_time {
+        let _ = t.pacer_lag.record(us);
+    }
+    if lag > LATE {
+        t.late += 1;
+        t.late_waiting += u64::from(!free_in_time);
+    }
+    intended
+}
+
+/// Makes one request (retrying a stale kept-alive connection on a fresh one) and tallies it;
+/// `origin` is its intended send time in an open loop.
 async fn one_request(
     shared: &Shared,
     tally: &Rc<RefCell<Tally>>,
@@ -720,8 +764,10 @@ async fn one_request(
     kept: &mut Option<(Conn, Deadline)>,
     request: &mut Vec<u8>,
     buf: &mut Vec<u8>,
+    origin: Option<Instant>,
 ) {
     let config = &shared.config;
+    let head_only = config.request.head_only();
     {
         loop {
             let start = Instant::now();
@@ -749,7 +795,7 @@ async fn one_request(
                 },
             };
             let connected = Instant::now();
-            let outcome = exchange(&conn, &deadline, request, buf, reused).await;
+            let outcome = exchange(&conn, &deadline, request, buf, reused, head_only).await;
             let end = Instant::now();
             match outcome {
                 Outcome::StaleKeepAlive => continue,
@@ -777,7 +823,7 @@ async fn one_request(
                     if let Some((s, e)) = head.server {
                         t.count_server(&buf[s..e.min(buf.len())], 1);
                     }
-                    let short = head.content_length.is_some_and(|cl| body < cl);
+                    let short = !head_only && head.content_length.is_some_and(|cl| body < cl);
                     let doclen = match shared.doclen.compare_exchange(
                         -1,
                         body as i64,
@@ -796,6 +842,9 @@ async fn one_request(
                     let total = end.duration_since(start);
                     let connect = connected.duration_since(start);
                     let _ = t.total.record(us(total));
+                    if let Some(origin) = origin {
+                        let _ = t.corrected.record(us(end.duration_since(origin)));
+                    }
                     let _ = t.connect.record(us(connect));
                     let _ = t.processing.record(us(total - connect));
                     let _ = t
@@ -838,6 +887,7 @@ async fn exchange(
     request: &mut Vec<u8>,
     buf: &mut Vec<u8>,
     reused: bool,
+    head_only: bool,
 ) -> Outcome {
     let timed_out = || {
         Outcome::Failed(
@@ -889,7 +939,13 @@ async fn exchange(
         }
     };
     let mut body = (buf.len() - head.len) as u64;
-    let want = head.content_length;
+    // Answers to HEAD, and 1xx, 204 and 304 answers, have no body whatever their fields say.
+    let bodyless = head_only || head.status < 200 || head.status == 204 || head.status == 304;
+    let want = if bodyless {
+        Some(0)
+    } else {
+        head.content_length
+    };
     while want.is_none_or(|cl| body < cl) {
         buf.truncate(head.len);
         match conn.read(buf).await {

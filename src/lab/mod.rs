@@ -3,8 +3,11 @@
 
 pub mod chart;
 pub mod client;
+pub mod hgrm;
 pub mod machine;
+pub mod pacer;
 pub mod report;
 pub mod results;
 pub mod sweep;
+pub mod target;
 pub mod topology;

@@ -3,7 +3,7 @@
 
 use serde::Serialize;
 
-use crate::lab::client::BenchResult;
+use crate::lab::client::{self, BenchResult, OpenLoop, Percentiles};
 
 /// Output formats for `ringlab bench`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -86,6 +86,52 @@ fn json(r: &BenchResult) -> String {
     s
 }
 
+/// The open loop's offered and achieved rates, its late sends, and whether the client was the
+/// limit.
+fn open_loop_rates(o: &mut String, r: &BenchResult, ol: &OpenLoop) {
+    use std::fmt::Write;
+    let achieved = r.requests_per_sec();
+    let _ = writeln!(
+        o,
+        "Offered rate:           {:.2} [#/sec] ({})",
+        ol.offered_rate, ol.arrival
+    );
+    let _ = writeln!(
+        o,
+        "Achieved rate:          {achieved:.2} [#/sec] ({:.2}% of offered)",
+        100.0 * achieved / ol.offered_rate
+    );
+    let _ = writeln!(
+        o,
+        "Sent late (> {} ms):     {} (waiting for one of the -c connections: {}; the client \
+         itself: {})",
+        client::LATE.as_millis(),
+        ol.late,
+        ol.late_waiting_for_connection,
+        ol.late - ol.late_waiting_for_connection
+    );
+    let busy: Vec<String> = ol
+        .client_busy
+        .iter()
+        .map(|b| format!("{:.0}%", b * 100.0))
+        .collect();
+    let _ = writeln!(o, "Client CPU busy:        {}", busy.join(", "));
+    if ol.client_bound {
+        let _ = writeln!(
+            o,
+            "Client-bound:           yes: the client could not send at the offered rate (an \
+             executor was busy nearly all the time); the limit measured is the client's, not \
+             the server's: give it more CPUs (--cpus) or lower --rate"
+        );
+    } else if achieved < 0.98 * ol.offered_rate && ol.late_waiting_for_connection > 0 {
+        let _ = writeln!(
+            o,
+            "Kept up:                no: requests waited for a free connection (all -c in \
+             flight); the server did not keep up with the offered rate"
+        );
+    }
+}
+
 fn text(r: &BenchResult) -> String {
     use std::fmt::Write;
     let mut o = String::new();
@@ -105,6 +151,9 @@ fn text(r: &BenchResult) -> String {
     let _ = writeln!(o, "Document Length:        {} bytes", r.document_length);
     let _ = writeln!(o);
     let _ = writeln!(o, "Concurrency Level:      {}", r.concurrency);
+    if let Some(ol) = &r.open_loop {
+        open_loop_rates(&mut o, r, ol);
+    }
     let _ = writeln!(o, "Time taken for tests:   {:.3} seconds", r.elapsed_secs);
     let _ = writeln!(o, "Complete requests:      {}", r.complete);
     let _ = writeln!(o, "Failed requests:        {}", f.total());
@@ -162,13 +211,38 @@ fn text(r: &BenchResult) -> String {
         );
     }
     let _ = writeln!(o);
-    let l = &r.latency_us;
-    let _ = writeln!(o, "Latency (us, HdrHistogram of the total time)");
-    let _ = writeln!(
-        o,
-        "  p50 {}   p90 {}   p99 {}   p99.9 {}   max {}",
-        l.p50, l.p90, l.p99, l.p999, l.max
-    );
+    let percentiles = |o: &mut String, l: &Percentiles| {
+        let _ = writeln!(
+            o,
+            "  p50 {}   p90 {}   p99 {}   p99.9 {}   max {}",
+            l.p50, l.p90, l.p99, l.p999, l.max
+        );
+    };
+    match &r.open_loop {
+        None => {
+            let _ = writeln!(o, "Latency (us, HdrHistogram of the total time)");
+            percentiles(&mut o, &r.latency_us);
+        }
+        Some(ol) => {
+            let _ = writeln!(
+                o,
+                "Latency (us, from the intended send time: coordinated omission corrected)"
+            );
+            percentiles(&mut o, &r.latency_us);
+            let _ = writeln!(
+                o,
+                "Latency (us, from the actual send: uncorrected, what a closed loop reports)"
+            );
+            percentiles(&mut o, &ol.uncorrected_us);
+            let _ = writeln!(o, "Send lag (us, actual minus intended send time)");
+            percentiles(&mut o, &ol.send_lag_us);
+            let _ = writeln!(
+                o,
+                "Pacer lag (us, the same where a connection was free: the client's own jitter)"
+            );
+            percentiles(&mut o, &ol.pacer_lag_us);
+        }
+    }
     if !r.backends.is_empty() {
         let _ = writeln!(o);
         let _ = writeln!(o, "Responses by Server header");

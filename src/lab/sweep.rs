@@ -9,8 +9,9 @@ use serde::Serialize;
 
 use crate::io::driver::IoMode;
 use crate::io::shutdown::Shutdown;
-use crate::lab::client::{self, BenchConfig, BenchResult, Target};
+use crate::lab::client::{self, BenchConfig, BenchResult, RequestSpec, Target};
 use crate::lab::machine::Machine;
+use crate::lab::pacer::Arrival;
 use crate::lab::topology::{Lab, LabSetup, NamedTarget, Placement, Ports};
 
 /// What a sweep runs.
@@ -291,6 +292,9 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
     let bench = |target: &NamedTarget, requests: u64, concurrency: usize| {
         client::run(BenchConfig {
             target: Target::from_addr(target.addr),
+            request: RequestSpec::default(),
+            rate: None,
+            arrival: Arrival::Fixed,
             requests,
             concurrency,
             keep_alive: config.keep_alive,

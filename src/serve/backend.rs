@@ -129,8 +129,8 @@ struct Listener {
     stats: RefCell<ListenerStats>,
     /// This listener's service time.
     delay: Delay,
-    /// xorshift64 state for exponential delays.
-    rng: std::cell::Cell<u64>,
+    /// For exponential delays.
+    rng: crate::rng::Rng,
 }
 
 impl Listener {
@@ -139,7 +139,7 @@ impl Listener {
         Listener {
             id,
             delay,
-            rng: std::cell::Cell::new(0x2545_f491_4f6c_dd1d ^ u64::from(addr.port())),
+            rng: crate::rng::Rng::new(0x2545_f491_4f6c_dd1d ^ u64::from(addr.port())),
             responses: RefCell::new(Rc::new(Responses::new(&id, &http::now_fixdate()))),
             stats: RefCell::new(ListenerStats {
                 addr: Some(addr),
@@ -150,14 +150,7 @@ impl Listener {
 
     /// The wait before the next answer, if any.
     fn service_time(&self) -> Option<Duration> {
-        let mut x = self.rng.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng.set(x);
-        // 53 random bits, shifted into (0, 1].
-        let random = ((x >> 11) + 1) as f64 / (1u64 << 53) as f64;
-        self.delay.sample(random)
+        self.delay.sample(self.rng.unit())
     }
 
     fn count(&self, kind: Kind) {

@@ -84,8 +84,8 @@ pub struct Chooser {
     load: Arc<Load>,
     /// Smooth weighted round robin's current weights.
     current: RefCell<Vec<i64>>,
-    /// xorshift64 state for p2c.
-    rng: Cell<u64>,
+    /// For p2c's two picks.
+    rng: crate::rng::Rng,
     /// Where ties and fallbacks start, moved on each choice.
     turn: Cell<usize>,
 }
@@ -99,7 +99,7 @@ impl Chooser {
             weights: weights.into_iter().map(|w| w.max(1)).collect(),
             load,
             current: RefCell::new(vec![0; n]),
-            rng: Cell::new(seed | 1),
+            rng: crate::rng::Rng::new(seed | 1),
             turn: Cell::new(0),
         }
     }
@@ -195,12 +195,7 @@ impl Chooser {
     }
 
     fn next_random(&self) -> u64 {
-        let mut x = self.rng.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        self.rng.set(x);
-        x
+        self.rng.next_u64()
     }
 }
 

@@ -10,7 +10,8 @@ use ringlab::io::driver::IoMode;
 use ringlab::io::listen;
 use ringlab::io::placement::Executor;
 use ringlab::io::shutdown::Shutdown;
-use ringlab::lab::client::{BenchConfig, Target};
+use ringlab::lab::client::{BenchConfig, RequestSpec, Target};
+use ringlab::lab::pacer::Arrival;
 use ringlab::serve::backend::{self, BackendConfig, ListenerStats};
 use ringlab::serve::balancer::{self, BalancerConfig, BalancerReport};
 
@@ -221,6 +222,9 @@ pub fn require(program: &str, package: &str) {
 pub fn bench_config(addr: SocketAddr, requests: u64, concurrency: usize) -> BenchConfig {
     BenchConfig {
         target: Target::from_addr(addr),
+        request: RequestSpec::default(),
+        rate: None,
+        arrival: Arrival::Fixed,
         requests,
         concurrency,
         keep_alive: false,

@@ -14,6 +14,7 @@ use std::future::poll_fn;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -76,6 +77,14 @@ impl Slot {
     }
 }
 
+/// A timeout in whole milliseconds, rounded up (so a sleep never ends early and spins).
+fn whole_ms(t: Duration) -> libc::c_int {
+    t.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int
+}
+
+/// Whether `epoll_pwait2` may be tried (cleared when the kernel answers ENOSYS).
+static PWAIT2: AtomicBool = AtomicBool::new(true);
+
 impl Reactor {
     /// A new, empty epoll set.
     pub fn new() -> io::Result<Reactor> {
@@ -93,37 +102,35 @@ impl Reactor {
         })
     }
 
-    /// One `epoll_wait`, waiting up to `timeout` (rounded up to whole milliseconds, so a sleep
-    /// never ends early and spins); hands the events to their waiters.
+    /// One wait for events, up to `timeout`, handing the events to their waiters. A sleep of
+    /// part of a millisecond uses `epoll_pwait2` (Linux 5.11) and its nanosecond timeout, so
+    /// timers (the open-loop pacer's above all) fire on time; without it the timeout is rounded
+    /// up to whole milliseconds, so a sleep never ends early and spins.
     pub(crate) fn turn(
         &self,
         timeout: Option<Duration>,
         wake: &mut Vec<Waker>,
     ) -> io::Result<usize> {
-        let ms = match timeout {
-            None => -1,
-            Some(t) => t.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int,
-        };
         let mut events = self.events.borrow_mut();
-        self.dispatch(&mut events, wake, ms)
+        let n = match timeout {
+            Some(t) if t.subsec_nanos() % 1_000_000 != 0 && PWAIT2.load(Ordering::Relaxed) => {
+                match self.wait_precise(&mut events, t) {
+                    Err(e) if e.raw_os_error() == Some(libc::ENOSYS) => {
+                        PWAIT2.store(false, Ordering::Relaxed);
+                        self.wait(&mut events, whole_ms(t))?
+                    }
+                    other => other?,
+                }
+            }
+            Some(t) => self.wait(&mut events, whole_ms(t))?,
+            None => self.wait(&mut events, -1)?,
+        };
+        self.dispatch(&events[..n], wake);
+        Ok(n)
     }
 
-    fn add_slot(&self) -> usize {
-        if let Some(key) = self.free.borrow_mut().pop() {
-            return key;
-        }
-        let mut slots = self.slots.borrow_mut();
-        slots.push(Slot::default());
-        slots.len() - 1
-    }
-
-    /// Hands the events of one `epoll_wait` to their waiters; returns how many there were.
-    fn dispatch(
-        &self,
-        events: &mut [libc::epoll_event],
-        wake: &mut Vec<Waker>,
-        timeout_ms: libc::c_int,
-    ) -> io::Result<usize> {
+    /// `epoll_wait` with a timeout in milliseconds (-1: none).
+    fn wait(&self, events: &mut [libc::epoll_event], timeout_ms: libc::c_int) -> io::Result<usize> {
         // SAFETY: `events` is valid for `events.len()` entries.
         let n = unsafe {
             libc::epoll_wait(
@@ -136,11 +143,53 @@ impl Reactor {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let n = n as usize;
+        Ok(n as usize)
+    }
+
+    /// `epoll_pwait2` with a nanosecond timeout and no signal mask change.
+    fn wait_precise(
+        &self,
+        events: &mut [libc::epoll_event],
+        timeout: Duration,
+    ) -> io::Result<usize> {
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs().min(i64::MAX as u64) as libc::time_t,
+            tv_nsec: timeout.subsec_nanos() as libc::c_long,
+        };
+        // SAFETY: `events` is valid for `events.len()` entries and `ts` outlives the call; a
+        // null sigmask leaves the thread's mask alone.
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_epoll_pwait2,
+                self.epfd.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as libc::c_int,
+                &ts as *const libc::timespec,
+                std::ptr::null::<libc::sigset_t>(),
+                0usize,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    fn add_slot(&self) -> usize {
+        if let Some(key) = self.free.borrow_mut().pop() {
+            return key;
+        }
+        let mut slots = self.slots.borrow_mut();
+        slots.push(Slot::default());
+        slots.len() - 1
+    }
+
+    /// Hands the events of one wait to their waiters.
+    fn dispatch(&self, events: &[libc::epoll_event], wake: &mut Vec<Waker>) {
         let read = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
         let write = (libc::EPOLLOUT | libc::EPOLLHUP | libc::EPOLLERR) as u32;
         let mut slots = self.slots.borrow_mut();
-        for event in &events[..n] {
+        for event in events {
             let (bits, key) = (event.events, event.u64 as usize);
             let Some(slot) = slots.get_mut(key) else {
                 continue;
@@ -159,7 +208,6 @@ impl Reactor {
                 }
             }
         }
-        Ok(n)
     }
 }
 
@@ -364,16 +412,7 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn thread_cpu() -> Duration {
-        // SAFETY: `usage` is a plain C struct the kernel fills.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        assert_eq!(
-            unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) },
-            0
-        );
-        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-        tv(usage.ru_utime) + tv(usage.ru_stime)
-    }
+    use crate::io::placement::thread_cpu;
 
     /// A level-triggered listener with a queued connection is reported on every round; paused,
     /// it is out of the set and the executor sleeps instead of spinning on it.

@@ -291,16 +291,7 @@ mod tests {
     use crate::io::conn::Conn;
     use crate::io::time;
 
-    fn thread_cpu() -> Duration {
-        // SAFETY: `usage` is a plain C struct the kernel fills.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        assert_eq!(
-            unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) },
-            0
-        );
-        let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
-        tv(usage.ru_utime) + tv(usage.ru_stime)
-    }
+    use crate::io::placement::thread_cpu;
 
     fn each_mode(test: impl Fn(IoMode)) {
         for mode in [IoMode::Uring, IoMode::Epoll] {
