@@ -491,8 +491,14 @@ pub fn run(config: BenchConfig) -> io::Result<BenchResult> {
     for h in handles {
         tally.merge(h.join()?);
     }
-    let end = tally.last_end.unwrap_or(start).max(start);
     let interrupted = config.stop.as_ref().is_some_and(Shutdown::is_triggered);
+    // An interrupted run lasted until the interruption, not until its last answer: an open
+    // loop's rate would otherwise read high.
+    let end = if interrupted {
+        Instant::now()
+    } else {
+        tally.last_end.unwrap_or(start).max(start)
+    };
     if shared.good.load(Ordering::Relaxed) == 0 && tally.complete > 0 && !interrupted {
         let why = tally
             .first_error
