@@ -182,7 +182,14 @@ def run_client(name, argv):
 def measure_client(name, port, n, c, cpu, wrk_secs):
     url = f"http://127.0.0.1:{port}/"
     pin = ["taskset", "-c", str(cpu)]
-    if name.startswith("ringlab-bench"):
+    if name.startswith("ringlab-bench-open"):
+        # Open loop offered far above what one core can send: the achieved rate is the
+        # generator's ceiling (wrk2 is not packaged in Debian; wrk's closed loop is the reference).
+        out, t = run_client(name, [BIN, "bench", "--rate", "1m", "-t", f"{wrk_secs}s", "-c", str(c),
+                                   "--cpus", str(cpu), "--format", "json", url])
+        d = json.loads(out.stdout)
+        done, rate, failed = d["complete"], d["requests_per_sec"], d["failed_total"]
+    elif name.startswith("ringlab-bench"):
         io = "epoll" if name.endswith("epoll") else "uring"
         out, t = run_client(name, [BIN, "bench", "-n", str(n), "-c", str(c), "--cpus", str(cpu),
                                    "--io", io, "--format", "json", url])
@@ -437,7 +444,7 @@ def main():
         start("nginx-http", ["nginx", "-c", f"{tmp}/nginx-http.conf"], log_dir=tmp)
         wait_port(PORTS["nginx"])
     for r in range(args.rounds if "clients" in args.sections else 0):
-        for name in ["ringlab-bench-uring", "ringlab-bench-epoll", "ab", "wrk"]:
+        for name in ["ringlab-bench-uring", "ringlab-bench-epoll", "ab", "wrk", "ringlab-bench-open"]:
             results["clients"].append(measure_client(name, PORTS["nginx"], args.requests, c0, 0, wrk_secs) | {"round": r})
     stop_all()
     write(results, args)
