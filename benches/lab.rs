@@ -49,6 +49,7 @@ fn main() {
         stop: Shutdown::new(),
         io: vec![IoMode::Uring, IoMode::Epoll],
         lab: LabSetup::default(),
+        rates: None,
     };
     println!(
         "ringlab e2e bench: {requests} requests per cell, median of {repeat}; {}",

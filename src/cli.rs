@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::io::driver::IoMode;
 use crate::lab::pacer::Arrival;
 use crate::lab::report::Format;
+use crate::lab::sweep::Rates;
 use crate::lab::target::RequestSpec;
 use crate::serve::balancer::Mode;
 use crate::serve::policy::Policy;
@@ -292,9 +293,24 @@ pub struct SweepArgs {
         value_parser = at_least::<1>
     )]
     pub requests: u64,
-    /// Concurrency levels: a range like 1-5 or a list like 1,2,4,8.
-    #[arg(short = 'c', long = "concurrency", value_name = "LIST", default_value = "1-5", value_parser = parse_number_list)]
-    pub concurrency: NumberList,
+    /// Concurrency levels: a range like 1-5 or a list like 1,2,4,8 [default: 1-5; with --rates,
+    /// 64: the most requests in flight].
+    #[arg(short = 'c', long = "concurrency", value_name = "LIST", value_parser = parse_number_list)]
+    pub concurrency: Option<NumberList>,
+    /// Open loop: measure each target at these offered rates (2k,4k,8k), or `auto` to step up
+    /// from 1k by 1.5× until a target stops keeping up; the summary names each target's knee.
+    #[arg(long, value_name = "LIST|auto", value_parser = parse_rates)]
+    pub rates: Option<Rates>,
+    /// With --rates: how long each cell sends.
+    #[arg(long, value_name = "DURATION", default_value = "5s", value_parser = parse_duration, requires = "rates")]
+    pub duration: Duration,
+    /// With --rates: the p99 latency a target must stay under to be keeping up (and for
+    /// `auto` to step further); without it, only the achieved rate counts.
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration, requires = "rates")]
+    pub slo: Option<Duration>,
+    /// With --rates: fixed intervals (wrk2) or Poisson arrivals.
+    #[arg(long, value_enum, value_name = "KIND", default_value_t = Arrival::Fixed, requires = "rates")]
+    pub arrival: Arrival,
     /// Repetitions per cell; the median is reported, the spread shown.
     #[arg(long, value_name = "N", default_value_t = 3, value_parser = usize_at_least::<1>)]
     pub repeat: usize,
@@ -514,6 +530,23 @@ pub fn parse_rate(s: &str) -> Result<f64, String> {
             "'{s}' is not a rate; use requests per second such as 2000, 2k or 1.5k"
         )),
     }
+}
+
+/// Parses `--rates`: `auto`, or a list of rates as [`parse_rate`] reads them.
+pub fn parse_rates(s: &str) -> Result<Rates, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        return Ok(Rates::Auto {
+            start: 1000.0,
+            factor: 1.5,
+            max_steps: 16,
+        });
+    }
+    let list = s
+        .split(',')
+        .map(parse_rate)
+        .collect::<Result<Vec<f64>, String>>()
+        .map_err(|e| format!("{e}; --rates takes a list such as 2k,4k,8k, or auto"))?;
+    Ok(Rates::List(list))
 }
 
 /// Parses an HTTP method token.

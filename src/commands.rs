@@ -15,7 +15,7 @@ use crate::lab::client::{self, BenchConfig, RequestSpec, Target};
 use crate::lab::hgrm;
 use crate::lab::report;
 use crate::lab::results;
-use crate::lab::sweep::{self, SweepConfig};
+use crate::lab::sweep::{self, RatePlan, SweepConfig};
 use crate::lab::topology::{LabSetup, NamedTarget, Placement, Ports};
 use crate::serve::backend::{self, BackendConfig, ListenerStats};
 use crate::serve::balancer::{self, BalancerConfig, BalancerReport};
@@ -142,7 +142,16 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
         .collect();
     let config = SweepConfig {
         requests: args.requests,
-        concurrency: args.concurrency.0,
+        concurrency: args.concurrency.map_or_else(
+            || {
+                if args.rates.is_some() {
+                    vec![64]
+                } else {
+                    vec![1, 2, 3, 4, 5]
+                }
+            },
+            |l| l.0,
+        ),
         repeat: args.repeat,
         keep_alive: args.keep_alive,
         targets,
@@ -168,10 +177,21 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
                 .collect(),
             ..LabSetup::default()
         },
+        rates: args.rates.clone().map(|rates| RatePlan {
+            rates,
+            duration: args.duration,
+            slo: args.slo,
+            arrival: args.arrival,
+        }),
     };
     let label = args
         .label
-        .unwrap_or_else(|| if args.keep_alive { "lab-k" } else { "lab" }.into());
+        .unwrap_or_else(|| match (args.rates.is_some(), args.keep_alive) {
+            (true, true) => "lab-rates-k".into(),
+            (true, false) => "lab-rates".into(),
+            (false, true) => "lab-k".into(),
+            (false, false) => "lab".into(),
+        });
     sweep::validate(&config)?;
     let mut folder = ResultsFolder {
         dir: args.out.join(results::folder_name(&label)),

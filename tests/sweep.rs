@@ -25,6 +25,7 @@ fn small(targets: Vec<ringlab::lab::topology::NamedTarget>) -> SweepConfig {
         stop: Shutdown::new(),
         io: vec![common::driver()],
         lab: ringlab::lab::topology::LabSetup::default(),
+        rates: None,
     }
 }
 
@@ -127,5 +128,106 @@ fn the_cli_sweeps_given_targets_into_the_out_folder() {
     assert!(readme.contains("backend unpinned, in the test process"));
     assert!(readme.contains(&format!("### PORT {} (one)", b.addr().port())));
     assert!(folder.join("sweep.json").exists() && folder.join("chart.svg").exists());
+}
+}
+
+fn target(name: &str, addr: std::net::SocketAddr) -> ringlab::lab::topology::NamedTarget {
+    ringlab::lab::topology::NamedTarget {
+        name: name.into(),
+        addr,
+        description: "in-process test backend".into(),
+        client_cpus: vec![ringlab::io::placement::allowed_cpus()[0]],
+        io: None,
+    }
+}
+
+both_drivers! {
+fn a_rate_sweep_writes_latency_curves_spectra_and_the_knee() {
+    use ringlab::lab::pacer::Arrival;
+    use ringlab::lab::sweep::{RatePlan, Rates};
+    let lab = common::backend(1);
+    let mut config = small(vec![target("fast", lab.addrs[0])]);
+    config.repeat = 2;
+    config.concurrency = vec![16];
+    config.rates = Some(RatePlan {
+        rates: Rates::List(vec![400.0, 800.0]),
+        duration: Duration::from_millis(500),
+        slo: None,
+        arrival: Arrival::Fixed,
+    });
+    let sweep = sweep::run(&config).unwrap();
+    let cells = sweep.rate_cells("fast");
+    assert_eq!(cells.iter().map(|c| c.rate.unwrap()).collect::<Vec<_>>(), [400.0, 800.0]);
+    for cell in &cells {
+        assert_eq!(cell.runs.len(), 2);
+        let r = cell.median_run();
+        assert_eq!(r.complete, (cell.rate.unwrap() * 0.5) as u64);
+        assert_eq!(r.failed.total(), 0);
+    }
+    assert_eq!(sweep.knee("fast").and_then(|c| c.rate), Some(800.0));
+
+    let dir = tempfile::tempdir().unwrap();
+    let out = ringlab::lab::results::write(&sweep, &dir.path().join("run")).unwrap();
+    let readme = std::fs::read_to_string(out.join("README.md")).unwrap();
+    for needle in [
+        "## Summary: the knee of each target",
+        "| fast | 800 |",
+        "open loop (fixed intervals), offered rates 400, 800 req/s",
+        "(latency.svg)",
+        "(spectrum.svg)",
+        "hgrm/fast-400.hgrm",
+        "| Kernel |",
+    ] {
+        assert!(readme.contains(needle), "{needle:?} missing from\n{readme}");
+    }
+    for file in ["latency.svg", "spectrum.svg", "hgrm/fast-400.hgrm", "hgrm/fast-800.hgrm"] {
+        let text = std::fs::read_to_string(out.join(file)).unwrap();
+        assert!(text.len() > 100, "{file} is empty");
+    }
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("sweep.json")).unwrap()).unwrap();
+    assert_eq!(json["knees"][0], serde_json::json!(["fast", 800.0]));
+    // Every run carries its full histogram, which decodes to the run's own count.
+    let encoded = json["cells"][0]["runs"][0]["latency_histogram"].as_str().unwrap();
+    let h = ringlab::lab::hgrm::decode(encoded).unwrap();
+    assert_eq!(h.len(), 200);
+}
+}
+
+both_drivers! {
+fn auto_rates_step_up_until_the_target_stops_keeping_up() {
+    use ringlab::lab::pacer::Arrival;
+    use ringlab::lab::sweep::{RatePlan, Rates};
+    use ringlab::serve::backend::{BackendConfig, Delay};
+    // 5 ms per answer and at most 4 in flight: at most 800 answers a second.
+    let lab = common::backend_with(
+        1,
+        BackendConfig {
+            delay: Delay::Fixed(Duration::from_millis(5)),
+            ..BackendConfig::default()
+        },
+    );
+    let mut config = small(vec![target("slow", lab.addrs[0])]);
+    config.repeat = 1;
+    config.concurrency = vec![4];
+    config.rates = Some(RatePlan {
+        rates: Rates::Auto {
+            start: 200.0,
+            factor: 2.0,
+            max_steps: 6,
+        },
+        duration: Duration::from_millis(500),
+        slo: None,
+        arrival: Arrival::Fixed,
+    });
+    let sweep = sweep::run(&config).unwrap();
+    let rates: Vec<f64> = sweep.rate_cells("slow").iter().map(|c| c.rate.unwrap()).collect();
+    // 200 and 400 are kept up with; 1600 cannot be; the sweep stops at the first rate missed.
+    assert!(rates.starts_with(&[200.0, 400.0]), "{rates:?}");
+    assert!(rates.len() <= 4 && !rates.contains(&3200.0), "{rates:?}");
+    let knee = sweep.knee("slow").and_then(|c| c.rate).unwrap();
+    assert!(knee == 400.0 || knee == 800.0, "knee {knee}");
+    let last = sweep.rate_cells("slow").last().unwrap().median_run();
+    assert!(last.requests_per_sec() < 0.98 * last.open_loop.as_ref().unwrap().offered_rate);
 }
 }

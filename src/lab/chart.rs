@@ -1,5 +1,6 @@
 //! A small dependency-free SVG line chart: the sweep's req/s and p99 latency against concurrency,
-//! one line per target, readable on GitHub without any tooling.
+//! latency against offered load and percentile spectra (on log axes), one line per target,
+//! readable on GitHub without any tooling.
 
 use std::fmt::Write;
 
@@ -21,6 +22,27 @@ pub struct Panel {
     pub y_label: String,
     /// The lines.
     pub series: Vec<Series>,
+    /// Plot x on a log scale (values must be positive).
+    pub log_x: bool,
+    /// Plot y on a log scale (values must be positive), ticks at powers of ten.
+    pub log_y: bool,
+    /// Labelled x ticks; empty puts one at each distinct x.
+    pub x_ticks: Vec<(f64, String)>,
+}
+
+impl Panel {
+    /// A panel with linear axes and automatic x ticks.
+    pub fn new(title: &str, x_label: &str, y_label: &str, series: Vec<Series>) -> Panel {
+        Panel {
+            title: title.into(),
+            x_label: x_label.into(),
+            y_label: y_label.into(),
+            series,
+            log_x: false,
+            log_y: false,
+            x_ticks: Vec::new(),
+        }
+    }
 }
 
 const COLORS: [&str; 8] = [
@@ -47,20 +69,38 @@ pub fn render(panels: &[Panel]) -> String {
 fn panel(svg: &mut String, p: &Panel, x0: f64, w: f64, h: f64) {
     let (left, right, top, bottom) = (62.0, 16.0, 28.0, 64.0);
     let (pw, ph) = (w - left - right, h - top - bottom);
-    let xs = p.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
-    let ys = p.series.iter().flat_map(|s| s.points.iter().map(|p| p.1));
+    // Log axes plot log10 of the values; everything below works on the plotted values.
+    let tx = |x: f64| if p.log_x { x.max(1e-9).log10() } else { x };
+    let ty = |y: f64| if p.log_y { y.max(1e-9).log10() } else { y };
+    let xs = p
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| tx(p.0)));
+    let ys = p
+        .series
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| ty(p.1)));
     let (xmin, xmax) = bounds(xs);
-    let (_, ymax) = bounds(ys);
-    let ymax = nice_ceiling(ymax.max(1e-9));
+    let (ylo, yhi) = bounds(ys);
+    let (ymin, ymax) = if p.log_y {
+        let (lo, hi) = (ylo.floor(), yhi.ceil());
+        if lo.is_finite() && hi.is_finite() {
+            (lo, hi.max(lo + 1.0))
+        } else {
+            (0.0, 1.0)
+        }
+    } else {
+        (0.0, nice_ceiling(yhi.max(1e-9)))
+    };
     let sx = |x: f64| {
         x0 + left
             + if xmax > xmin {
-                (x - xmin) / (xmax - xmin) * pw
+                (tx(x) - xmin) / (xmax - xmin) * pw
             } else {
                 pw / 2.0
             }
     };
-    let sy = |y: f64| top + ph - y / ymax * ph;
+    let sy = |y: f64| top + ph - (ty(y) - ymin) / (ymax - ymin) * ph;
 
     let _ = writeln!(
         svg,
@@ -68,9 +108,13 @@ fn panel(svg: &mut String, p: &Panel, x0: f64, w: f64, h: f64) {
         x0 + w / 2.0,
         escape(&p.title)
     );
-    // Grid and y ticks.
-    for k in 0..=4 {
-        let y = ymax * k as f64 / 4.0;
+    // Grid and y ticks: quarters, or each power of ten on a log axis.
+    let yticks: Vec<f64> = if p.log_y {
+        (ymin as i32..=ymax as i32).map(|k| 10f64.powi(k)).collect()
+    } else {
+        (0..=4).map(|k| ymax * k as f64 / 4.0).collect()
+    };
+    for y in yticks {
         let py = sy(y);
         let _ = writeln!(
             svg,
@@ -82,21 +126,30 @@ fn panel(svg: &mut String, p: &Panel, x0: f64, w: f64, h: f64) {
             short(y)
         );
     }
-    // X ticks at each distinct x.
-    let mut xticks: Vec<f64> = p
-        .series
-        .iter()
-        .flat_map(|s| s.points.iter().map(|p| p.0))
-        .collect();
-    xticks.sort_by(f64::total_cmp);
-    xticks.dedup();
-    for x in xticks {
+    // X ticks as given, or at each distinct x.
+    let xticks: Vec<(f64, String)> = if p.x_ticks.is_empty() {
+        let mut xs: Vec<f64> = p
+            .series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|p| p.0))
+            .collect();
+        xs.sort_by(f64::total_cmp);
+        xs.dedup();
+        xs.into_iter().map(|x| (x, short(x))).collect()
+    } else {
+        p.x_ticks.clone()
+    };
+    for (x, label) in xticks {
+        // Given ticks outside the data would fall off the panel.
+        if !(xmin - 1e-9..=xmax + 1e-9).contains(&tx(x)) {
+            continue;
+        }
         let _ = writeln!(
             svg,
             r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
             sx(x),
             top + ph + 16.0,
-            short(x)
+            escape(&label)
         );
     }
     let _ = writeln!(
@@ -192,19 +245,40 @@ mod tests {
 
     #[test]
     fn renders_a_well_formed_document() {
-        let svg = render(&[Panel {
-            title: "req/s".into(),
-            x_label: "concurrency".into(),
-            y_label: "req/s".into(),
-            series: vec![Series {
+        let svg = render(&[Panel::new(
+            "req/s",
+            "concurrency",
+            "req/s",
+            vec![Series {
                 name: "lb <1>".into(),
                 points: vec![(1.0, 100.0), (2.0, 180.0)],
             }],
-        }]);
+        )]);
         assert!(svg.starts_with("<svg"));
         assert!(svg.trim_end().ends_with("</svg>"));
         assert!(svg.contains("lb &lt;1&gt;"));
         assert_eq!(svg.matches("<polyline").count(), 1);
+    }
+
+    #[test]
+    fn log_axes_tick_at_powers_of_ten() {
+        let mut panel = Panel::new(
+            "latency",
+            "offered req/s",
+            "µs",
+            vec![Series {
+                name: "lb".into(),
+                points: vec![(1000.0, 80.0), (8000.0, 2500.0)],
+            }],
+        );
+        panel.log_x = true;
+        panel.log_y = true;
+        let svg = render(&[panel]);
+        // 80 .. 2500 µs spans the decades 10 .. 10000: ticks 10, 100, 1.0k, 10k.
+        for tick in [">10<", ">100<", ">1.0k<", ">10k<"] {
+            assert!(svg.contains(tick), "no tick {tick}");
+        }
+        assert!(!svg.contains("NaN") && !svg.contains("inf"));
     }
 
     #[test]

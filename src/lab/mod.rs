@@ -3,6 +3,7 @@
 
 pub mod chart;
 pub mod client;
+pub mod curves;
 pub mod hgrm;
 pub mod machine;
 pub mod pacer;

@@ -7,6 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::lab::chart::{self, Panel, Series};
+use crate::lab::curves;
 use crate::lab::report;
 use crate::lab::sweep::{Status, Sweep};
 
@@ -41,6 +42,16 @@ pub fn write(sweep: &Sweep, dir: &Path) -> io::Result<PathBuf> {
         )
     };
     write_json(sweep, dir)?;
+    if sweep.rates.is_some() {
+        for (name, text) in curves::files(sweep) {
+            let path = dir.join(&name);
+            if let Some(parent) = path.parent() {
+                create(parent)?;
+            }
+            std::fs::write(&path, text).map_err(|e| named(&name, e))?;
+        }
+        return Ok(dir.to_path_buf());
+    }
     std::fs::write(dir.join("README.md"), markdown(sweep)).map_err(|e| named("README.md", e))?;
     std::fs::write(dir.join("chart.svg"), svg(sweep)).map_err(|e| named("chart.svg", e))?;
     Ok(dir.to_path_buf())
@@ -70,12 +81,17 @@ struct JsonSweep<'a> {
     #[serde(flatten)]
     sweep: &'a Sweep,
     derived: Vec<JsonCell<'a>>,
+    /// Open loop: each target's knee (the highest offered rate it kept up with), if any.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    knees: Vec<(String, Option<f64>)>,
 }
 
 #[derive(serde::Serialize)]
 struct JsonCell<'a> {
     target: &'a str,
     concurrency: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    offered_rate: Option<f64>,
     median_requests_per_sec: f64,
     min_requests_per_sec: f64,
     max_requests_per_sec: f64,
@@ -92,6 +108,7 @@ impl<'a> JsonSweep<'a> {
                 JsonCell {
                     target: &c.target,
                     concurrency: c.concurrency,
+                    offered_rate: c.rate,
                     median_requests_per_sec: c.median_run().requests_per_sec(),
                     min_requests_per_sec: lo,
                     max_requests_per_sec: hi,
@@ -99,12 +116,44 @@ impl<'a> JsonSweep<'a> {
                 }
             })
             .collect();
-        JsonSweep { sweep, derived }
+        let knees = match sweep.rates {
+            Some(_) => sweep
+                .targets
+                .iter()
+                .map(|t| (t.name.clone(), sweep.knee(&t.name).and_then(|c| c.rate)))
+                .collect(),
+            None => Vec::new(),
+        };
+        JsonSweep {
+            sweep,
+            derived,
+            knees,
+        }
     }
 }
 
 fn markdown(s: &Sweep) -> String {
     let mut o = String::new();
+    let matrix = format!(
+        "{} requests × concurrency {} × {} repetitions (targets interleaved; the median repetition by req/s is reported), {}",
+        s.requests,
+        list(&s.concurrency),
+        s.repeat,
+        if s.keep_alive {
+            "keep-alive (`-k`)"
+        } else {
+            "a new connection per request"
+        }
+    );
+    header(&mut o, s, &matrix);
+    summary(&mut o, s);
+    closed_loop_body(&mut o, s);
+    o
+}
+
+/// The title, the partial-run banner and the table of facts every results `README.md` opens
+/// with; `matrix` says what was measured.
+pub(crate) fn header(o: &mut String, s: &Sweep, matrix: &str) {
     let m = &s.machine;
     let _ = writeln!(o, "# ringlab sweep, {}\n", m.started_utc);
     match &s.status {
@@ -164,21 +213,12 @@ fn markdown(s: &Sweep) -> String {
             "given with --target (started elsewhere)"
         }
     );
-    let _ = writeln!(
-        o,
-        "| Matrix | {} requests × concurrency {} × {} repetitions (targets interleaved; the median repetition by req/s is reported), {} |",
-        s.requests,
-        list(&s.concurrency),
-        s.repeat,
-        if s.keep_alive {
-            "keep-alive (`-k`)"
-        } else {
-            "a new connection per request"
-        }
-    );
+    let _ = writeln!(o, "| Matrix | {matrix} |");
     let _ = writeln!(o, "| Command | `{}` |\n", m.command);
+}
 
-    summary(&mut o, s);
+/// The part of `README.md` after the header, for a closed-loop sweep.
+fn closed_loop_body(o: &mut String, s: &Sweep) {
     let _ = writeln!(
         o,
         "![req/s and p99 latency against concurrency](chart.svg)\n"
@@ -223,20 +263,23 @@ fn markdown(s: &Sweep) -> String {
                 );
             }
         }
-        backend_spread(&mut o, s, &t.name);
+        backend_spread(o, s, &t.name);
         o.push('\n');
     }
     let _ = writeln!(
         o,
         "`sweep.json` holds every number of every repetition; `chart.svg` is drawn from the medians."
     );
-    o
 }
 
 /// The summary table alone, for the terminal.
 pub fn summary_text(s: &Sweep) -> String {
     let mut o = String::new();
-    summary(&mut o, s);
+    if s.rates.is_some() {
+        curves::summary(&mut o, s);
+    } else {
+        summary(&mut o, s);
+    }
     o
 }
 
@@ -392,22 +435,22 @@ fn svg(s: &Sweep) -> String {
             .collect()
     };
     chart::render(&[
-        Panel {
-            title: "Requests per second (median)".into(),
-            x_label: "concurrency".into(),
-            y_label: "req/s".into(),
-            series: series(&|r| r.requests_per_sec()),
-        },
-        Panel {
-            title: "p99 latency (median run)".into(),
-            x_label: "concurrency".into(),
-            y_label: "µs".into(),
-            series: series(&|r| r.latency_us.p99 as f64),
-        },
+        Panel::new(
+            "Requests per second (median)",
+            "concurrency",
+            "req/s",
+            series(&|r| r.requests_per_sec()),
+        ),
+        Panel::new(
+            "p99 latency (median run)",
+            "concurrency",
+            "µs",
+            series(&|r| r.latency_us.p99 as f64),
+        ),
     ])
 }
 
-fn list(v: &[usize]) -> String {
+pub(crate) fn list(v: &[usize]) -> String {
     v.iter()
         .map(|x| x.to_string())
         .collect::<Vec<_>>()

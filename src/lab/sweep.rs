@@ -1,6 +1,8 @@
 //! The lab matrix: every (repetition × concurrency × target) cell measured with the built-in
 //! client, targets interleaved so slow drift on a shared machine hits all of them alike, and the
-//! median repetition kept per cell.
+//! median repetition kept per cell. With offered rates (`--rates`), the matrix is open loop:
+//! every (repetition × rate × target), or rates stepped up per target until it stops keeping up,
+//! and each target's knee named.
 
 use std::io::{self, IsTerminal, Write};
 use std::time::Duration;
@@ -48,6 +50,54 @@ pub struct SweepConfig {
     /// Tripped by Ctrl-C: the cell in flight is abandoned, the lab stopped, and what was measured
     /// until then is kept, marked interrupted.
     pub stop: Shutdown,
+    /// Open loop: the offered rates to measure (`--rates`); `None` is the closed-loop matrix.
+    pub rates: Option<RatePlan>,
+}
+
+/// Which offered rates an open-loop sweep measures.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Rates {
+    /// These, in order, for every target.
+    List(Vec<f64>),
+    /// From `start`, each step `factor` times the last, per target until it stops keeping up
+    /// (or `max_steps`).
+    Auto {
+        /// The first rate.
+        start: f64,
+        /// The step.
+        factor: f64,
+        /// At most this many rates.
+        max_steps: usize,
+    },
+}
+
+/// An open-loop sweep's plan.
+#[derive(Debug, Clone, Serialize)]
+pub struct RatePlan {
+    /// The rates.
+    pub rates: Rates,
+    /// How long each cell sends (its requests are rate × this).
+    pub duration: Duration,
+    /// The p99 a target must stay under to keep up (`--slo`); `None` judges by rate alone.
+    pub slo: Option<Duration>,
+    /// How intended send times are spaced.
+    pub arrival: Arrival,
+}
+
+impl RatePlan {
+    /// A cell keeps up when it achieved its offered rate within 2%, failed nothing, and (with an
+    /// SLO) kept p99 under it.
+    pub fn keeps_up(&self, r: &BenchResult) -> bool {
+        let Some(ol) = &r.open_loop else {
+            return false;
+        };
+        r.requests_per_sec() >= 0.98 * ol.offered_rate
+            && r.failed.total() == 0
+            && self
+                .slo
+                .is_none_or(|slo| r.latency_us.p99 as u128 <= slo.as_micros())
+    }
 }
 
 /// One cell: a target at one concurrency, every repetition kept.
@@ -55,11 +105,14 @@ pub struct SweepConfig {
 pub struct Cell {
     /// Target name.
     pub target: String,
-    /// Concurrency level.
+    /// Concurrency level (with a rate: the most requests in flight).
     pub concurrency: usize,
+    /// The offered rate of an open-loop cell.
+    pub rate: Option<f64>,
     /// Every repetition, in the order run.
     pub runs: Vec<BenchResult>,
-    /// Index into `runs` of the median by req/s.
+    /// Index into `runs` of the median: by req/s, or for an open-loop cell by p99 (its rate is
+    /// the one offered).
     pub median: usize,
 }
 
@@ -124,14 +177,37 @@ pub struct Sweep {
     /// How each driver was set up on this kernel, e.g. `uring: io_uring
     /// (SINGLE_ISSUER|DEFER_TASKRUN|TASKRUN_FLAG)`.
     pub drivers: Vec<String>,
+    /// The open-loop plan, for a sweep over offered rates.
+    pub rates: Option<RatePlan>,
 }
 
 impl Sweep {
-    /// The cell for a target and concurrency.
+    /// The closed-loop cell for a target and concurrency.
     pub fn cell(&self, target: &str, concurrency: usize) -> Option<&Cell> {
         self.cells
             .iter()
-            .find(|c| c.target == target && c.concurrency == concurrency)
+            .find(|c| c.target == target && c.concurrency == concurrency && c.rate.is_none())
+    }
+
+    /// A target's open-loop cells, by offered rate.
+    pub fn rate_cells(&self, target: &str) -> Vec<&Cell> {
+        let mut cells: Vec<&Cell> = self
+            .cells
+            .iter()
+            .filter(|c| c.target == target && c.rate.is_some())
+            .collect();
+        cells.sort_by(|a, b| a.rate.unwrap_or(0.0).total_cmp(&b.rate.unwrap_or(0.0)));
+        cells
+    }
+
+    /// A target's knee: the highest offered rate whose median run kept up (see
+    /// [`RatePlan::keeps_up`]) with every lower rate keeping up too.
+    pub fn knee(&self, target: &str) -> Option<&Cell> {
+        let plan = self.rates.as_ref()?;
+        self.rate_cells(target)
+            .into_iter()
+            .take_while(|c| plan.keeps_up(c.median_run()))
+            .last()
     }
 
     /// Repetitions measured so far, over all cells.
@@ -140,17 +216,18 @@ impl Sweep {
     }
 
     /// Adds a repetition to its cell (creating the cell on its first one) and keeps the median.
-    fn add(&mut self, target: &str, concurrency: usize, run: BenchResult) {
+    fn add(&mut self, target: &str, concurrency: usize, rate: Option<f64>, run: BenchResult) {
         let found = self
             .cells
             .iter_mut()
-            .find(|c| c.target == target && c.concurrency == concurrency);
+            .find(|c| c.target == target && c.concurrency == concurrency && c.rate == rate);
         let cell = match found {
             Some(cell) => cell,
             None => {
                 self.cells.push(Cell {
                     target: target.to_string(),
                     concurrency,
+                    rate,
                     runs: Vec::new(),
                     median: 0,
                 });
@@ -158,7 +235,11 @@ impl Sweep {
             }
         };
         cell.runs.push(run);
-        cell.median = median_index(&cell.runs);
+        cell.median = if rate.is_some() {
+            median_by(&cell.runs, |r| r.latency_us.p99 as f64)
+        } else {
+            median_by(&cell.runs, BenchResult::requests_per_sec)
+        };
     }
 }
 
@@ -192,6 +273,25 @@ pub fn validate(config: &SweepConfig) -> io::Result<()> {
         return Err(crate::cli::usage(
             "a sweep needs at least one concurrency level, one repetition and one request",
         ));
+    }
+    if let Some(plan) = &config.rates {
+        let bad = match &plan.rates {
+            Rates::List(list) => list.is_empty() || !list.iter().all(|r| r.is_finite() && *r > 0.0),
+            Rates::Auto {
+                start,
+                factor,
+                max_steps,
+            } => {
+                !(start.is_finite() && *start > 0.0 && factor.is_finite() && *factor > 1.0)
+                    || *max_steps == 0
+            }
+        };
+        if bad {
+            return Err(crate::cli::usage(
+                "--rates needs positive rates, e.g. 2k,4k,8k, or auto",
+            ));
+        }
+        return Ok(());
     }
     if let Some(&c) = config
         .concurrency
@@ -270,7 +370,11 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
             t.name, t.addr, t.description
         );
     }
-    let planned = targets.len() * config.concurrency.len() * config.repeat;
+    let planned = match config.rates.as_ref().map(|p| &p.rates) {
+        None => targets.len() * config.concurrency.len() * config.repeat,
+        Some(Rates::List(rates)) => targets.len() * rates.len() * config.repeat,
+        Some(Rates::Auto { max_steps, .. }) => targets.len() * max_steps * config.repeat,
+    };
     let mut sweep = Sweep {
         status: Status::Running,
         machine,
@@ -286,19 +390,23 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
         planned_runs: planned,
         io: config.io.clone(),
         drivers,
+        rates: config.rates.clone(),
     };
     record.started(&sweep)?;
     let progress = Progress::new(planned);
-    let bench = |target: &NamedTarget, requests: u64, concurrency: usize| {
+    let bench = |target: &NamedTarget, requests: u64, concurrency: usize, rate: Option<f64>| {
+        let plan = config.rates.as_ref();
         client::run(BenchConfig {
             target: Target::from_addr(target.addr),
             request: RequestSpec::default(),
-            rate: None,
-            arrival: Arrival::Fixed,
+            rate,
+            arrival: plan.map_or(Arrival::Fixed, |p| p.arrival),
             requests,
             concurrency,
             keep_alive: config.keep_alive,
-            time_limit: None,
+            // An open-loop cell sends for its duration; past the knee the backlog it could not
+            // send is dropped (as wrk2 does), so an overloaded cell still ends on time.
+            time_limit: rate.and(plan.map(|p| p.duration)),
             timeout: config.timeout,
             cpus: target.client_cpus.iter().copied().map(Some).collect(),
             io: config.io[0],
@@ -306,7 +414,12 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
         })
         .map_err(|e| io::Error::new(e.kind(), format!("target {}: {e}", target.name)))
     };
-    sweep.status = measure(config, &targets, &mut sweep, record, &progress, &bench);
+    sweep.status = match &config.rates {
+        None => measure(config, &targets, &mut sweep, record, &progress, &bench),
+        Some(plan) => measure_rates(
+            config, plan, &targets, &mut sweep, record, &progress, &bench,
+        ),
+    };
     progress.finish();
     for lab in labs {
         lab.stop();
@@ -348,20 +461,10 @@ fn measure(
     sweep: &mut Sweep,
     record: &mut dyn Record,
     progress: &Progress,
-    bench: &dyn Fn(&NamedTarget, u64, usize) -> io::Result<BenchResult>,
+    bench: &Bench,
 ) -> Status {
-    let ended = |r: io::Result<BenchResult>| match r {
-        // A run cut short by Ctrl-C is not a measurement of the cell: it is dropped.
-        Ok(r) if r.interrupted => Err(Status::Interrupted),
-        Ok(r) => Ok(r),
-        Err(e) => Err(Status::Failed(e.to_string())),
-    };
-    if config.warmup > 0 {
-        for t in targets {
-            if let Err(status) = ended(bench(t, config.warmup, 1)) {
-                return status;
-            }
-        }
+    if let Err(status) = warm_up(config, targets, bench) {
+        return status;
     }
     for rep in 0..config.repeat {
         for &c in &config.concurrency {
@@ -369,7 +472,7 @@ fn measure(
                 if config.stop.is_triggered() {
                     return Status::Interrupted;
                 }
-                let r = match ended(bench(t, config.requests, c)) {
+                let r = match ended(bench(t, config.requests, c, None)) {
                     Ok(r) => r,
                     Err(status) => return status,
                 };
@@ -381,12 +484,121 @@ fn measure(
                     r.requests_per_sec(),
                     r.failed.total()
                 ));
-                sweep.add(&t.name, c, r);
+                sweep.add(&t.name, c, None, r);
                 record.measured(sweep);
             }
         }
     }
     Status::Complete
+}
+
+/// What measures one cell: target, requests, concurrency, offered rate.
+type Bench<'a> = dyn Fn(&NamedTarget, u64, usize, Option<f64>) -> io::Result<BenchResult> + 'a;
+
+/// A run cut short by Ctrl-C is not a measurement of the cell: it is dropped.
+fn ended(r: io::Result<BenchResult>) -> Result<BenchResult, Status> {
+    match r {
+        Ok(r) if r.interrupted => Err(Status::Interrupted),
+        Ok(r) => Ok(r),
+        Err(e) => Err(Status::Failed(e.to_string())),
+    }
+}
+
+/// Unrecorded requests to each target before its first cell.
+fn warm_up(config: &SweepConfig, targets: &[NamedTarget], bench: &Bench) -> Result<(), Status> {
+    if config.warmup > 0 {
+        for t in targets {
+            ended(bench(t, config.warmup, 1, None))?;
+        }
+    }
+    Ok(())
+}
+
+/// The open-loop matrix: each rate for every target still keeping up, repetitions outermost
+/// within a rate and targets interleaved. Listed rates are all measured; `auto` steps up until
+/// no target keeps up.
+fn measure_rates(
+    config: &SweepConfig,
+    plan: &RatePlan,
+    targets: &[NamedTarget],
+    sweep: &mut Sweep,
+    record: &mut dyn Record,
+    progress: &Progress,
+    bench: &Bench,
+) -> Status {
+    if let Err(status) = warm_up(config, targets, bench) {
+        return status;
+    }
+    // The most in flight: the largest concurrency asked for.
+    let c = config.concurrency.iter().copied().max().unwrap_or(1);
+    let (rates, auto) = match &plan.rates {
+        Rates::List(list) => (list.clone(), false),
+        Rates::Auto {
+            start,
+            factor,
+            max_steps,
+        } => (
+            (0..*max_steps)
+                .map(|k| (start * factor.powi(k as i32)).round())
+                .collect(),
+            true,
+        ),
+    };
+    let mut active: Vec<&NamedTarget> = targets.iter().collect();
+    for rate in rates {
+        let requests = (rate * plan.duration.as_secs_f64()).ceil().max(1.0) as u64;
+        for rep in 0..config.repeat {
+            for t in &active {
+                if config.stop.is_triggered() {
+                    return Status::Interrupted;
+                }
+                let r = match ended(bench(t, requests, c.min(requests as usize), Some(rate))) {
+                    Ok(r) => r,
+                    Err(status) => return status,
+                };
+                progress.step(&format!(
+                    "rep {}/{} {rate:.0} req/s {}: achieved {:.0}, p99 {} us, {} failed",
+                    rep + 1,
+                    config.repeat,
+                    t.name,
+                    r.requests_per_sec(),
+                    r.latency_us.p99,
+                    r.failed.total()
+                ));
+                sweep.add(&t.name, c.min(requests as usize), Some(rate), r);
+                record.measured(sweep);
+            }
+        }
+        if auto {
+            active.retain(|t| {
+                sweep
+                    .rate_cells(&t.name)
+                    .last()
+                    .is_some_and(|cell| plan.keeps_up(cell.median_run()))
+            });
+            sweep.planned_runs = sweep.measured_runs()
+                + active.len() * config.repeat * (sweep_steps_left(&plan.rates, rate));
+            if active.is_empty() {
+                break;
+            }
+        }
+    }
+    Status::Complete
+}
+
+/// Steps an `auto` plan has left after `rate`.
+fn sweep_steps_left(rates: &Rates, rate: f64) -> usize {
+    match rates {
+        Rates::Auto {
+            start,
+            factor,
+            max_steps,
+        } => {
+            let done = ((rate / start).ln() / factor.ln()).round() as usize + 1;
+            max_steps.saturating_sub(done)
+        }
+        Rates::List(_) => 0,
+    }
 }
 
 /// Where things ran: the whole placement when this sweep started the lab, else the client's CPUs
@@ -402,14 +614,10 @@ pub fn describe_placement(started_lab: bool, placement: &Placement, note: Option
     )
 }
 
-/// Index of the run with the median req/s (the lower middle for an even count).
-fn median_index(runs: &[BenchResult]) -> usize {
+/// Index of the run with the median `key` (the lower middle for an even count).
+fn median_by(runs: &[BenchResult], key: impl Fn(&BenchResult) -> f64) -> usize {
     let mut order: Vec<usize> = (0..runs.len()).collect();
-    order.sort_by(|&a, &b| {
-        runs[a]
-            .requests_per_sec()
-            .total_cmp(&runs[b].requests_per_sec())
-    });
+    order.sort_by(|&a, &b| key(&runs[a]).total_cmp(&key(&runs[b])));
     order[(order.len() - 1) / 2]
 }
 
