@@ -221,7 +221,8 @@ fn nice_ceiling(v: f64) -> f64 {
     10.0 * mag
 }
 
-fn short(v: f64) -> String {
+/// A number as axis ticks and legends print it: `950`, `2.5k`, `17k`.
+pub fn short(v: f64) -> String {
     if v >= 10_000.0 {
         format!("{:.0}k", v / 1000.0)
     } else if v >= 1000.0 {

@@ -160,7 +160,8 @@ pub struct OpenLoop {
     /// Of those, the ones that waited because all `-c` connections were busy (the server was
     /// slow); the rest were late because the client itself was.
     pub late_waiting_for_connection: u64,
-    /// Each client executor's CPU time over the run's wall time (1.0 = never idle).
+    /// Each client executor's CPU time over the run's wall time (1.0 = never idle), leaving
+    /// out the pacer's yielding in the last microseconds before each slot.
     pub client_busy: Vec<f64>,
     /// The client could not generate the offered rate: achieved below 98% of it while an
     /// executor was busy nearly all the time.
@@ -655,7 +656,11 @@ async fn executor_main(
         .expect("workers finished")
         .into_inner();
     let wall = wall_at_start.elapsed().as_secs_f64();
-    let cpu = (placement::thread_cpu() - cpu_at_start).as_secs_f64();
+    // The pacer's yielding is precision, not work (other tasks run during it when they can).
+    let spun = pacer.as_ref().map_or(Duration::ZERO, |p| p.total_spun());
+    let cpu = (placement::thread_cpu() - cpu_at_start)
+        .saturating_sub(spun)
+        .as_secs_f64();
     tally.busy.push(if wall > 0.0 {
         (cpu / wall).min(1.0)
     } else {
@@ -743,9 +748,11 @@ async fn wait_for_slot(pacer: &Pacer, tally: &RefCell<Tally>) -> Instant {
             pacer.woke(wake_at, Instant::now());
         }
         // The last few microseconds, yielding to the executor's other tasks meanwhile.
+        let spin_from = Instant::now();
         while Instant::now() < intended {
             futures_lite::future::yield_now().await;
         }
+        pacer.spun(spin_from.elapsed());
     }
     let lag = Instant::now().saturating_duration_since(intended);
     let mut t = tally.borrow_mut();

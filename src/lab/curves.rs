@@ -36,21 +36,23 @@ fn markdown(s: &Sweep) -> String {
     let mut o = String::new();
     let plan = s.rates.as_ref().expect("an open-loop sweep");
     let rates = match &plan.rates {
-        Rates::List(list) => list
-            .iter()
-            .map(|r| format!("{r:.0}"))
-            .collect::<Vec<_>>()
-            .join(", "),
+        Rates::List(list) => format!(
+            "{} req/s",
+            list.iter()
+                .map(|r| format!("{r:.0}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
         Rates::Auto {
             start,
             factor,
             max_steps,
         } => format!(
-            "auto: from {start:.0} req/s, ×{factor} a step (at most {max_steps}), per target until it stops keeping up"
+            "from {start:.0} req/s up, ×{factor} a step (at most {max_steps}), per target until it stops keeping up"
         ),
     };
     let matrix = format!(
-        "open loop ({}), offered rates {rates} req/s, {} s per cell, at most {} in flight, × {} repetitions (targets interleaved; the median repetition by p99 is reported), {}; a target keeps up when it achieves the offered rate within 2% with no failures{}",
+        "open loop ({}), offered rates {rates}, {} s per cell, at most {} in flight, × {} repetitions (targets interleaved; the median repetition by p99 is reported), {}; a target keeps up when it achieves the offered rate within 2% with no failures{}",
         plan.arrival,
         plan.duration.as_secs_f64(),
         results::list(&s.concurrency),
@@ -246,7 +248,7 @@ fn spectrum_chart(s: &Sweep) -> String {
                 .map(|q| (1.0 / (1.0 - q), h.value_at_quantile(q).max(1) as f64))
                 .collect();
             Some(Series {
-                name: format!("{} @{:.0}", t.name, cell.rate.unwrap_or(0.0)),
+                name: format!("{} @{}", t.name, chart::short(cell.rate.unwrap_or(0.0))),
                 points,
             })
         })

@@ -47,6 +47,9 @@ pub struct Pacer {
     /// How late a timer wake-up arrives here, tracked as a running median: the pacer arms its
     /// timer that much early and yields the last microseconds away, so sends land on time.
     wake_late: Cell<Duration>,
+    /// Time spent yielding away the last microseconds before slots: CPU the pacer burns on
+    /// precision, not on requests, so it is left out of the client's busy share.
+    spun: Cell<Duration>,
 }
 
 /// The most the pacer wakes early, so a burst of slow wake-ups cannot make it spin for long.
@@ -73,6 +76,7 @@ impl Pacer {
             poisson_at: Cell::new(first),
             rng,
             wake_late: Cell::new(Duration::ZERO),
+            spun: Cell::new(Duration::ZERO),
         }
     }
 
@@ -81,6 +85,16 @@ impl Pacer {
         intended
             .checked_sub(self.wake_late.get())
             .unwrap_or(intended)
+    }
+
+    /// Adds time spent yielding before a slot.
+    pub fn spun(&self, d: Duration) {
+        self.spun.set(self.spun.get() + d);
+    }
+
+    /// All the time spent yielding before slots.
+    pub fn total_spun(&self) -> Duration {
+        self.spun.get()
     }
 
     /// Feeds back how late a timer armed for `armed` woke: the estimate steps towards the
