@@ -335,9 +335,17 @@ pub struct SweepArgs {
     /// CPUs for the client while it measures the in-process balancer (overrides --client-cpus).
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
     pub lb_client_cpus: Option<CpuList>,
-    /// CPUs for the balancer's executors, one each [default: the first CPU].
+    /// CPUs for the (TCP-mode) balancer's executors, one each [default: the first CPU].
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
     pub lb_cpus: Option<CpuList>,
+    /// CPUs for the HTTP-mode balancer's executors, one each [default: the last CPU, beside
+    /// its backends].
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub lb_http_cpus: Option<CpuList>,
+    /// CPUs for the client while it measures the HTTP-mode balancer (overrides --client-cpus)
+    /// [default: the first CPU].
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    pub lb_http_client_cpus: Option<CpuList>,
     /// CPU for the backends, the direct server and the threaded server [default: the last CPU].
     #[arg(long, value_name = "N")]
     pub server_cpu: Option<usize>,

@@ -117,13 +117,20 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
     let mut place = Placement::default_for(&allowed);
     if let Some(c) = args.client_cpus {
         place.client = c.0.clone();
-        place.lb_client = c.0;
+        place.lb_client = c.0.clone();
+        place.lb_http_client = c.0;
     }
     if let Some(c) = args.lb_client_cpus {
         place.lb_client = c.0;
     }
     if let Some(c) = args.lb_cpus {
         place.lb = c.0;
+    }
+    if let Some(c) = args.lb_http_client_cpus {
+        place.lb_http_client = c.0;
+    }
+    if let Some(c) = args.lb_http_cpus {
+        place.lb_http = c.0;
     }
     if let Some(c) = args.server_cpu {
         place.servers = c;

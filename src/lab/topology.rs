@@ -79,14 +79,19 @@ pub struct Placement {
     pub lb_client: Vec<usize>,
     /// The balancer's executors (one each).
     pub lb: Vec<usize>,
+    /// The HTTP-mode balancer's executors (one each).
+    pub lb_http: Vec<usize>,
+    /// The client's executors when measuring the HTTP-mode balancer.
+    pub lb_http_client: Vec<usize>,
     /// The backends' executor, the direct server's executor and the threaded server's threads.
     pub servers: usize,
 }
 
 impl Placement {
-    /// The measured default: the balancer alone on the first CPU, every server on the last, the
-    /// client on whichever of the two the measured target leaves free (the last for the
-    /// balancer). On one CPU everything shares it.
+    /// The measured default: every server on the last CPU; the TCP-mode balancer alone on the
+    /// first with its client beside the backends; the HTTP-mode balancer beside its backends
+    /// (its pooled backend connections make them light) with its client alone on the first; a
+    /// direct server's client on the first. On one CPU everything shares it.
     pub fn default_for(cpus: &[usize]) -> Placement {
         let first = cpus.first().copied().unwrap_or(0);
         let last = cpus.last().copied().unwrap_or(0);
@@ -94,6 +99,8 @@ impl Placement {
             client: vec![first],
             lb_client: vec![last],
             lb: vec![first],
+            lb_http: vec![last],
+            lb_http_client: vec![first],
             servers: last,
         }
     }
@@ -101,10 +108,13 @@ impl Placement {
     /// One line for humans.
     pub fn describe(&self) -> String {
         format!(
-            "lb CPU {} with its client on CPU {}; servers (backends, direct, threaded) CPU {} with \
-             the client on CPU {} for direct and threaded",
+            "lb CPU {} with its client on CPU {}; lb-http CPU {} with its client on CPU {}; \
+             servers (backends, direct, threaded) CPU {} with the client on CPU {} for direct and \
+             threaded",
             placement::format_cpus(&self.lb),
             placement::format_cpus(&self.lb_client),
+            placement::format_cpus(&self.lb_http),
+            placement::format_cpus(&self.lb_http_client),
             self.servers,
             placement::format_cpus(&self.client),
         )
@@ -112,7 +122,13 @@ impl Placement {
 
     /// Checks every CPU named is available.
     pub fn check(&self) -> io::Result<()> {
-        let all = self.client.iter().chain(&self.lb_client).chain(&self.lb);
+        let all = self
+            .client
+            .iter()
+            .chain(&self.lb_client)
+            .chain(&self.lb)
+            .chain(&self.lb_http)
+            .chain(&self.lb_http_client);
         for &cpu in all.chain([&self.servers]) {
             placement::check_cpu(cpu)?;
         }
@@ -221,7 +237,11 @@ impl Lab {
                 if several {
                     name = format!("{name}-{policy}");
                 }
-                let listeners = listen::bind_shared(addr(port), placement.lb.len())?;
+                let executors = match mode {
+                    Mode::Tcp => placement.lb.len(),
+                    Mode::Http => placement.lb_http.len(),
+                };
+                let listeners = listen::bind_shared(addr(port), executors)?;
                 planned.push((name, mode, policy, listeners));
             }
         }
@@ -280,9 +300,13 @@ impl Lab {
             },
             shutdown.clone(),
         )?);
-        let lb_cpus: Vec<Option<usize>> = placement.lb.iter().copied().map(Some).collect();
+        let cpus = |list: &[usize]| list.iter().copied().map(Some).collect::<Vec<_>>();
         for (name, mode, policy, listeners) in planned {
             let addr = listeners[0].local_addr()?;
+            let lb_cpus = match mode {
+                Mode::Tcp => cpus(&placement.lb),
+                Mode::Http => cpus(&placement.lb_http),
+            };
             let executors = balancer::spawn(
                 listeners,
                 &lb_cpus,
@@ -351,7 +375,10 @@ impl Lab {
                     self.io,
                     backends.join(", ")
                 ),
-                client_cpus: placement.lb_client.clone(),
+                client_cpus: match b.mode {
+                    Mode::Tcp => placement.lb_client.clone(),
+                    Mode::Http => placement.lb_http_client.clone(),
+                },
                 io: Some(self.io),
             })
             .collect();
