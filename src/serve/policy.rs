@@ -63,16 +63,27 @@ pub struct Load {
     /// When `average_ns` was last set, in ns after `epoch`.
     updated_ns: Vec<AtomicU64>,
     epoch: Instant,
+    /// Whether work is timed at all: round robin never reads the averages, so it skips the
+    /// clock read and the shared stores per connection or request.
+    timed: bool,
 }
 
 impl Load {
-    /// Counters for `n` backends, all idle.
+    /// Counters for `n` backends, all idle, for a balancer choosing by `policy`.
+    pub fn for_policy(n: usize, policy: Policy) -> Arc<Load> {
+        let mut load = Load::new(n);
+        Arc::get_mut(&mut load).expect("just made").timed = policy != Policy::RoundRobin;
+        load
+    }
+
+    /// Counters for `n` backends, all idle, timing the work.
     pub fn new(n: usize) -> Arc<Load> {
         Arc::new(Load {
             outstanding: (0..n).map(|_| AtomicU32::new(0)).collect(),
             average_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
             updated_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
+            timed: true,
         })
     }
 
@@ -83,7 +94,7 @@ impl Load {
         InFlight {
             load: self.clone(),
             backend: i,
-            started: Instant::now(),
+            started: self.timed.then(Instant::now),
         }
     }
 
@@ -127,13 +138,15 @@ impl Load {
 pub struct InFlight {
     load: Arc<Load>,
     backend: usize,
-    started: Instant,
+    started: Option<Instant>,
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.load.outstanding[self.backend].fetch_sub(1, Ordering::Relaxed);
-        self.load.observe(self.backend, self.started.elapsed());
+        if let Some(started) = self.started {
+            self.load.observe(self.backend, started.elapsed());
+        }
     }
 }
 

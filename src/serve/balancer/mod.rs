@@ -281,7 +281,7 @@ impl Common {
     pub fn new(config: &BalancerConfig, log: bool) -> Arc<Common> {
         Arc::new(Common {
             health: Health::new(&config.backends, config.health, log),
-            load: Load::new(config.backends.len()),
+            load: Load::for_policy(config.backends.len(), config.policy),
         })
     }
 }
