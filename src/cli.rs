@@ -35,10 +35,38 @@ pub enum Command {
     Lb(LbArgs),
     /// Serve the same HTTP response with one OS thread per connection (the classic baseline).
     Threaded(ThreadedArgs),
-    /// Closed-loop HTTP load generator with ab's flags and columns, plus latency percentiles.
+    /// HTTP load generator with ab's flags and columns, plus latency percentiles: closed loop,
+    /// or open loop at a fixed rate (--rate).
     Bench(BenchArgs),
     /// The whole lab in one command: start the topology, run the matrix, write results/.
     Sweep(SweepArgs),
+    /// Compare two sweeps cell by cell, each difference judged against the repetitions' noise.
+    Diff(DiffArgs),
+}
+
+/// `ringlab diff`.
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The baseline: a results folder or its sweep.json.
+    #[arg(value_name = "BASE")]
+    pub base: std::path::PathBuf,
+    /// The sweep to judge against it.
+    #[arg(value_name = "NEW")]
+    pub new: std::path::PathBuf,
+    /// Exit 1 when a cell is worse beyond noise and its ratio is below this, e.g. 0.95.
+    #[arg(long, value_name = "RATIO", value_parser = parse_ratio)]
+    pub fail_below: Option<f64>,
+    /// Also write diff.md and diff.svg (both runs' medians and their ratio) into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<std::path::PathBuf>,
+}
+
+/// Parses a ratio such as 0.95 (positive).
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 => Ok(v),
+        _ => Err(format!("'{s}' is not a ratio; use e.g. 0.95")),
+    }
 }
 
 /// `ringlab backend`.

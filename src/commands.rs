@@ -4,7 +4,7 @@
 use std::io;
 
 use crate::cli::{
-    self, BackendArgs, BenchArgs, Command, HttpArgs, LbArgs, SweepArgs, ThreadedArgs,
+    self, BackendArgs, BenchArgs, Command, DiffArgs, HttpArgs, LbArgs, SweepArgs, ThreadedArgs,
 };
 use crate::io::driver::IoMode;
 use crate::io::limits;
@@ -12,6 +12,7 @@ use crate::io::listen;
 use crate::io::placement;
 use crate::io::shutdown::{self, Shutdown};
 use crate::lab::client::{self, BenchConfig, RequestSpec, Target};
+use crate::lab::diff;
 use crate::lab::hgrm;
 use crate::lab::report;
 use crate::lab::results;
@@ -33,7 +34,37 @@ pub fn run(command: Command) -> io::Result<()> {
         Command::Threaded(args) => run_threaded(args, shutdown),
         Command::Bench(args) => run_bench(args, shutdown),
         Command::Sweep(args) => run_sweep(args, shutdown),
+        Command::Diff(args) => run_diff(args),
     }
+}
+
+fn run_diff(args: DiffArgs) -> io::Result<()> {
+    let base = diff::load(&args.base)?;
+    let new = diff::load(&args.new)?;
+    let d = diff::compare(&base, &new);
+    let text = diff::markdown(&d, args.fail_below);
+    print!("{text}");
+    if let Some(dir) = &args.out {
+        results::create(dir)?;
+        for (name, contents) in [("diff.md", text.clone()), ("diff.svg", diff::svg(&d))] {
+            std::fs::write(dir.join(name), contents).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot write {}: {e}", dir.join(name).display()),
+                )
+            })?;
+        }
+    }
+    if let Some(threshold) = args.fail_below {
+        let failing = d.failing(threshold);
+        if !failing.is_empty() {
+            return Err(io::Error::other(format!(
+                "{} cell(s) worse beyond noise and below {threshold}x",
+                failing.len()
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn run_bench(args: BenchArgs, shutdown: Shutdown) -> io::Result<()> {

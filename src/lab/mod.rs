@@ -4,6 +4,7 @@
 pub mod chart;
 pub mod client;
 pub mod curves;
+pub mod diff;
 pub mod hgrm;
 pub mod machine;
 pub mod pacer;
