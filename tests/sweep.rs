@@ -40,6 +40,9 @@ fn a_small_sweep_writes_readme_json_and_chart_in_the_labs_columns() {
         assert_eq!(r.complete, 60);
         assert_eq!(r.failed.total(), 0);
         assert_eq!(r.total_bytes, 60 * 122);
+        // The lab runs in-process, so the servers' CPU per request is measured, and is real.
+        let us = r.server_cpu_us_per_request.expect("server CPU measured");
+        assert!(us > 0.5 && us < 100_000.0, "{us} µs per request");
         let (lo, hi) = cell.spread();
         assert!(lo <= r.requests_per_sec() && r.requests_per_sec() <= hi);
     }
@@ -66,6 +69,7 @@ fn a_small_sweep_writes_readme_json_and_chart_in_the_labs_columns() {
         "| ringlab | 0.1.0 (git ",
         "| 60 | 0 | 7320 bytes |",
         "Responses per backend",
+        "server CPU µs/request |",
     ] {
         assert!(readme.contains(needle), "{needle:?} missing from\n{readme}");
     }
@@ -165,6 +169,8 @@ fn a_rate_sweep_writes_latency_curves_spectra_and_the_knee() {
         assert_eq!(r.failed.total(), 0);
     }
     assert_eq!(sweep.knee("fast").and_then(|c| c.rate), Some(800.0));
+    // A given target runs elsewhere as far as the sweep knows: its CPU is not guessed.
+    assert!(cells[0].median_run().server_cpu_us_per_request.is_none());
 
     let dir = tempfile::tempdir().unwrap();
     let out = ringlab::lab::results::write(&sweep, &dir.path().join("run")).unwrap();

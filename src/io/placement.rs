@@ -228,10 +228,19 @@ pub fn pin_current_thread(cpu: usize) -> io::Result<()> {
 
 /// CPU time (user + system) the calling thread has used so far.
 pub fn thread_cpu() -> std::time::Duration {
-    // SAFETY: `usage` is a plain C struct the kernel fills; RUSAGE_THREAD cannot fail for the
-    // calling thread (on error the zeroed struct reads as no time).
+    cpu_of(libc::RUSAGE_THREAD)
+}
+
+/// CPU time (user + system) the whole process has used so far, exited threads included.
+pub fn process_cpu() -> std::time::Duration {
+    cpu_of(libc::RUSAGE_SELF)
+}
+
+fn cpu_of(who: libc::c_int) -> std::time::Duration {
+    // SAFETY: `usage` is a plain C struct the kernel fills; RUSAGE_THREAD and RUSAGE_SELF cannot
+    // fail for the calling thread (on error the zeroed struct reads as no time).
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_THREAD, &mut usage) };
+    unsafe { libc::getrusage(who, &mut usage) };
     let tv = |t: libc::timeval| std::time::Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
     tv(usage.ru_utime) + tv(usage.ru_stime)
 }

@@ -227,6 +227,12 @@ pub struct BenchResult {
     /// Stopped by Ctrl-C or SIGTERM before `-n` requests (or `-t`) were done: the numbers are
     /// what was measured until then.
     pub interrupted: bool,
+    /// CPU seconds the client's executors used.
+    pub client_cpu_secs: f64,
+    /// CPU time per completed request of the servers measured, in µs, where the sweep could
+    /// measure it (the lab it started in-process: every thread of the process but the
+    /// client's, so through the balancer the balancer and its backends together).
+    pub server_cpu_us_per_request: Option<f64>,
 }
 
 impl BenchResult {
@@ -339,6 +345,8 @@ struct Tally {
     late_waiting: u64,
     /// Per executor: CPU time over wall time.
     busy: Vec<f64>,
+    /// CPU seconds of the executors.
+    cpu_secs: f64,
     servers: Vec<(Vec<u8>, u64)>,
     last_end: Option<Instant>,
     first_error: Option<String>,
@@ -366,6 +374,7 @@ impl Tally {
             late: 0,
             late_waiting: 0,
             busy: Vec::new(),
+            cpu_secs: 0.0,
             servers: Vec::new(),
             last_end: None,
             first_error: None,
@@ -390,6 +399,7 @@ impl Tally {
         self.late += o.late;
         self.late_waiting += o.late_waiting;
         self.busy.extend(o.busy);
+        self.cpu_secs += o.cpu_secs;
         for (name, count) in o.servers {
             self.count_server(&name, count);
         }
@@ -590,6 +600,8 @@ fn build_result(
         client_cpus: cpus.to_vec(),
         first_error: tally.first_error.clone(),
         interrupted: false,
+        client_cpu_secs: tally.cpu_secs,
+        server_cpu_us_per_request: None,
     }
 }
 
@@ -656,11 +668,11 @@ async fn executor_main(
         .expect("workers finished")
         .into_inner();
     let wall = wall_at_start.elapsed().as_secs_f64();
+    let used = placement::thread_cpu() - cpu_at_start;
+    tally.cpu_secs = used.as_secs_f64();
     // The pacer's yielding is precision, not work (other tasks run during it when they can).
     let spun = pacer.as_ref().map_or(Duration::ZERO, |p| p.total_spun());
-    let cpu = (placement::thread_cpu() - cpu_at_start)
-        .saturating_sub(spun)
-        .as_secs_f64();
+    let cpu = used.saturating_sub(spun).as_secs_f64();
     tally.busy.push(if wall > 0.0 {
         (cpu / wall).min(1.0)
     } else {

@@ -86,11 +86,11 @@ fn markdown(s: &Sweep) -> String {
         let _ = writeln!(o, "{} at `{}`.\n", t.description, t.addr);
         let _ = writeln!(
             o,
-            "| offered req/s | achieved req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | uncorrected p99 µs | sent late | failed | client CPU busy | p99 over the repetitions | spectrum |"
+            "| offered req/s | achieved req/s | p50 µs | p90 µs | p99 µs | p99.9 µs | max µs | uncorrected p99 µs | sent late | failed | client CPU busy | server CPU µs/request | p99 over the repetitions | spectrum |"
         );
         let _ = writeln!(
             o,
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
         );
         for cell in s.rate_cells(&t.name) {
             let r = cell.median_run();
@@ -106,7 +106,7 @@ fn markdown(s: &Sweep) -> String {
                 .join(", ");
             let _ = writeln!(
                 o,
-                "| {:.0} | {:.0} ({:.1}%) | {} | {} | {} | {} | {} | {} | {} | {} | {busy}{} | {lo}–{hi} | [hgrm]({}) |",
+                "| {:.0} | {:.0} ({:.1}%) | {} | {} | {} | {} | {} | {} | {} | {} | {busy}{} | {} | {lo}–{hi} | [hgrm]({}) |",
                 ol.offered_rate,
                 r.requests_per_sec(),
                 100.0 * r.requests_per_sec() / ol.offered_rate,
@@ -123,6 +123,7 @@ fn markdown(s: &Sweep) -> String {
                 } else {
                     ""
                 },
+                results::cpu_per_request(r),
                 hgrm_name(&t.name, cell)
             );
         }

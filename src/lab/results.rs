@@ -236,15 +236,15 @@ fn closed_loop_body(o: &mut String, s: &Sweep) {
         }
         let _ = writeln!(
             o,
-            "\nLatency of the median run (µs, HdrHistogram), and the spread of req/s over the repetitions:\n"
+            "\nLatency of the median run (µs, HdrHistogram), the spread of req/s over the repetitions, and the servers' CPU time per request in the median run (every thread of the in-process lab but the client's: through a balancer, the balancer and its backends together):\n"
         );
         let _ = writeln!(
             o,
-            "| Concurrency | p50 | p90 | p99 | p99.9 | max | req/s min | req/s median | req/s max |"
+            "| Concurrency | p50 | p90 | p99 | p99.9 | max | req/s min | req/s median | req/s max | server CPU µs/request |"
         );
         let _ = writeln!(
             o,
-            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
         );
         for &c in &s.concurrency {
             if let Some(cell) = s.cell(&t.name, c) {
@@ -253,13 +253,14 @@ fn closed_loop_body(o: &mut String, s: &Sweep) {
                 let (lo, hi) = cell.spread();
                 let _ = writeln!(
                     o,
-                    "| {c} | {} | {} | {} | {} | {} | {lo:.0} | {:.0} | {hi:.0} |",
+                    "| {c} | {} | {} | {} | {} | {} | {lo:.0} | {:.0} | {hi:.0} | {} |",
                     l.p50,
                     l.p90,
                     l.p99,
                     l.p999,
                     l.max,
-                    r.requests_per_sec()
+                    r.requests_per_sec(),
+                    cpu_per_request(r)
                 );
             }
         }
@@ -448,6 +449,12 @@ fn svg(s: &Sweep) -> String {
             series(&|r| r.latency_us.p99 as f64),
         ),
     ])
+}
+
+/// A run's server CPU per request for a table, `–` where it was not measured.
+pub(crate) fn cpu_per_request(r: &crate::lab::client::BenchResult) -> String {
+    r.server_cpu_us_per_request
+        .map_or("–".into(), |us| format!("{us:.1}"))
 }
 
 pub(crate) fn list(v: &[usize]) -> String {

@@ -394,9 +394,11 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
     };
     record.started(&sweep)?;
     let progress = Progress::new(planned);
+    let in_process = !labs.is_empty();
     let bench = |target: &NamedTarget, requests: u64, concurrency: usize, rate: Option<f64>| {
         let plan = config.rates.as_ref();
-        client::run(BenchConfig {
+        let cpu_before = crate::io::placement::process_cpu();
+        let measured = client::run(BenchConfig {
             target: Target::from_addr(target.addr),
             request: RequestSpec::default(),
             rate,
@@ -411,8 +413,19 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
             cpus: target.client_cpus.iter().copied().map(Some).collect(),
             io: config.io[0],
             stop: Some(config.stop.clone()),
-        })
-        .map_err(|e| io::Error::new(e.kind(), format!("target {}: {e}", target.name)))
+        });
+        let cpu = (crate::io::placement::process_cpu() - cpu_before).as_secs_f64();
+        measured
+            .map(|mut r| {
+                // The lab runs in this process: all its CPU but the client's is the servers'
+                // (the other targets idle meanwhile).
+                if in_process && r.complete > 0 {
+                    let servers = (cpu - r.client_cpu_secs).max(0.0);
+                    r.server_cpu_us_per_request = Some(servers * 1e6 / r.complete as f64);
+                }
+                r
+            })
+            .map_err(|e| io::Error::new(e.kind(), format!("target {}: {e}", target.name)))
     };
     sweep.status = match &config.rates {
         None => measure(config, &targets, &mut sweep, record, &progress, &bench),
