@@ -5,14 +5,21 @@
 //! and the balancer's ratio to the threaded server. Ratios measured in the same run are what to
 //! compare across commits: absolute numbers move with whatever else the machine is doing.
 //!
-//! Environment: RINGLAB_BENCH_REQUESTS (default 20000 per cell), RINGLAB_BENCH_REPEAT (3).
+//! The whole sweep is written as a results folder (`target/ringlab-bench/<date>-bench/`, or under
+//! RINGLAB_BENCH_OUT) and, with RINGLAB_BASELINE=FOLDER, ends with `ringlab diff` against that
+//! committed baseline; RINGLAB_FAIL_BELOW=0.95 then fails the bench on a cell worse beyond noise
+//! and below that ratio.
+//!
+//! Environment: RINGLAB_BENCH_REQUESTS (default 20000 per cell), RINGLAB_BENCH_REPEAT (3),
+//! RINGLAB_BENCH_OUT, RINGLAB_BASELINE, RINGLAB_FAIL_BELOW.
 
 use std::time::Duration;
 
 use ringlab::io::driver::IoMode;
 use ringlab::io::shutdown::Shutdown;
-use ringlab::lab::sweep::{self, SweepConfig};
+use ringlab::lab::sweep::{self, Sweep, SweepConfig};
 use ringlab::lab::topology::{LabSetup, Placement, Ports};
+use ringlab::lab::{diff, results};
 
 fn env(name: &str, default: u64) -> u64 {
     std::env::var(name)
@@ -101,6 +108,35 @@ fn main() {
             lbu.latency_us.p99,
             du.latency_us.p99,
             rate(&lbu) / rate(&threaded),
+        );
+    }
+    if !quick {
+        against_baseline(&sweep);
+    }
+}
+
+/// Writes the sweep as a results folder and, given a baseline, diffs against it.
+fn against_baseline(sweep: &Sweep) {
+    let out = std::env::var("RINGLAB_BENCH_OUT").unwrap_or_else(|_| "target/ringlab-bench".into());
+    let dir = std::path::Path::new(&out).join(results::folder_name("bench"));
+    let written = results::write(sweep, &dir).expect("write the bench's results folder");
+    println!("results: {}", written.display());
+    let Ok(baseline) = std::env::var("RINGLAB_BASELINE") else {
+        return;
+    };
+    let base = diff::load(std::path::Path::new(&baseline)).expect("read the baseline");
+    let new = diff::load(&written).expect("read the results just written");
+    let fail_below = std::env::var("RINGLAB_FAIL_BELOW")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok());
+    let d = diff::compare(&base, &new);
+    println!("\n{}", diff::markdown(&d, fail_below));
+    if let Some(threshold) = fail_below {
+        let failing = d.failing(threshold);
+        assert!(
+            failing.is_empty(),
+            "{} cell(s) worse than the baseline beyond noise and below {threshold}x",
+            failing.len()
         );
     }
 }
