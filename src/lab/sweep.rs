@@ -427,9 +427,10 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
             })
             .map_err(|e| io::Error::new(e.kind(), format!("target {}: {e}", target.name)))
     };
-    sweep.status = match &config.rates {
-        None => measure(config, &targets, &mut sweep, record, &progress, &bench),
-        Some(plan) => measure_rates(
+    sweep.status = match (warm_up(config, &targets, &bench), &config.rates) {
+        (Err(status), _) => status,
+        (Ok(()), None) => measure(config, &targets, &mut sweep, record, &progress, &bench),
+        (Ok(()), Some(plan)) => measure_rates(
             config, plan, &targets, &mut sweep, record, &progress, &bench,
         ),
     };
@@ -467,7 +468,7 @@ fn driver_descriptions(labs: &[Lab], client: IoMode) -> io::Result<Vec<String>> 
     Ok(vec![described])
 }
 
-/// The matrix itself: warm-up, then every repetition of every cell, targets interleaved.
+/// The matrix itself (after the warm-up): every repetition of every cell, targets interleaved.
 fn measure(
     config: &SweepConfig,
     targets: &[NamedTarget],
@@ -476,9 +477,6 @@ fn measure(
     progress: &Progress,
     bench: &Bench,
 ) -> Status {
-    if let Err(status) = warm_up(config, targets, bench) {
-        return status;
-    }
     for rep in 0..config.repeat {
         for &c in &config.concurrency {
             for t in targets {
@@ -539,9 +537,6 @@ fn measure_rates(
     progress: &Progress,
     bench: &Bench,
 ) -> Status {
-    if let Err(status) = warm_up(config, targets, bench) {
-        return status;
-    }
     // The most in flight: the largest concurrency asked for.
     let c = config.concurrency.iter().copied().max().unwrap_or(1);
     let (rates, auto) = match &plan.rates {
