@@ -12,7 +12,8 @@ request on the server's cores (/proc/interrupts). Per client: req/s and the clie
 request. Medians over the rounds; every round is kept in compare.json.
 
 Usage: scripts/compare.sh [--rounds 5] [--requests 50000] [--low-requests 10000]
-                          [--concurrency 50,200,1000] [--quick]
+                          [--concurrency 50,200,1000] [--quick] [--sections l4,l7,direct,clients]
+                          [--baseline results/FOLDER [--fail-below 0.95]]
 Writes results/<UTC date-time>-compare/{README.md,compare.json}. Needs haproxy, nginx with the
 stream module, wrk and ab (the wrapper installs them with apt-get when run as root).
 
@@ -305,6 +306,8 @@ def main():
                     help="what to measure, of " + ",".join(SECTIONS) + " (all by default)")
     ap.add_argument("--out", default=os.path.join(ROOT, "results"))
     ap.add_argument("--aborts", action="store_true", help="measure how aborts are passed on instead")
+    ap.add_argument("--baseline", help="a committed compare results folder to end with `ringlab diff` against")
+    ap.add_argument("--fail-below", type=float, help="with --baseline: exit 1 on a cell worse beyond noise and below this ratio")
     ap.add_argument("--tries", type=int, default=10, help="tries per abort scenario (--aborts)")
     args = ap.parse_args()
     if args.aborts:
@@ -588,6 +591,15 @@ def write(res, args):
         f.write("\n".join(o))
     print("\n".join(o))
     print(f"wrote {folder}")
+    if args.baseline:
+        # End with `ringlab diff` against the committed baseline (written beside the results).
+        cmd = [BIN, "diff", args.baseline, folder, "--out", os.path.join(folder, "diff")]
+        if args.fail_below:
+            cmd += ["--fail-below", str(args.fail_below)]
+        d = subprocess.run(cmd, capture_output=True, text=True)
+        print(d.stdout + d.stderr)
+        if d.returncode != 0:
+            sys.exit(d.returncode)
 
 
 def stand_in(port, serve):

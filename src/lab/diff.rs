@@ -61,9 +61,12 @@ pub struct SweepFile {
     pub cells: BTreeMap<CellKey, Runs>,
 }
 
-/// Reads a results folder (its `sweep.json`) or a `sweep.json` itself.
+/// Reads a results folder (its `sweep.json`, or the `compare.json` of `scripts/compare.sh`) or
+/// either file itself.
 pub fn load(path: &Path) -> io::Result<SweepFile> {
-    let file = if path.is_dir() {
+    let file = if path.is_dir() && !path.join("sweep.json").exists() {
+        path.join("compare.json")
+    } else if path.is_dir() {
         path.join("sweep.json")
     } else {
         path.to_path_buf()
@@ -92,12 +95,18 @@ pub fn load(path: &Path) -> io::Result<SweepFile> {
 
 type Parsed = (BTreeMap<String, String>, BTreeMap<CellKey, Runs>);
 
-fn parse(json: &Value) -> Result<Parsed, String> {
-    let text = |v: &Value| match v {
+fn text(v: &Value) -> String {
+    match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
         other => other.to_string(),
-    };
+    }
+}
+
+fn parse(json: &Value) -> Result<Parsed, String> {
+    if json.get("cells").is_none() && json["machine"].get("haproxy").is_some() {
+        return Ok(parse_compare(json));
+    }
     let machine = &json["machine"];
     let mut facts = BTreeMap::new();
     for key in [
@@ -136,6 +145,56 @@ fn parse(json: &Value) -> Result<Parsed, String> {
         out.insert(key, runs);
     }
     Ok((facts, out))
+}
+
+/// `scripts/compare.sh`'s `compare.json`: every section's rows, one per server, concurrency and
+/// round; a cell is a section's server (with its cores and keep-alive, where given) at a
+/// concurrency, its rounds the repetitions.
+fn parse_compare(json: &Value) -> Parsed {
+    let machine = &json["machine"];
+    let mut facts = BTreeMap::new();
+    for key in [
+        "cpu_model",
+        "cpus",
+        "kernel",
+        "ringlab",
+        "haproxy",
+        "nginx",
+        "wrk",
+    ] {
+        facts.insert(key.to_string(), text(&machine[key]));
+    }
+    let mut cells: BTreeMap<CellKey, Runs> = BTreeMap::new();
+    let Some(sections) = json.as_object() else {
+        return (facts, cells);
+    };
+    for (section, rows) in sections {
+        let Some(rows) = rows.as_array() else {
+            continue;
+        };
+        for row in rows {
+            let (Some(name), Some(rate)) = (row["name"].as_str(), row["req_per_sec"].as_f64())
+            else {
+                continue;
+            };
+            let mut target = format!("{section}/{name}");
+            if let Some(cores) = row["cores"].as_u64() {
+                target.push_str(&format!(" {cores} cores"));
+            }
+            if row["keep_alive"].as_bool() == Some(true) {
+                target.push_str(" -k");
+            }
+            let key = CellKey {
+                target,
+                concurrency: row["concurrency"].as_u64().unwrap_or(0),
+                rate: None,
+            };
+            let runs = cells.entry(key).or_default();
+            runs.rates.push(rate);
+            runs.p99s.push(row["p99_us"].as_f64().unwrap_or(0.0));
+        }
+    }
+    (facts, cells)
 }
 
 /// How a cell changed.
