@@ -79,6 +79,10 @@ pub struct BackendArgs {
     /// CPU to pin the executor to [default: the last CPU this process may use].
     #[arg(long, value_name = "N")]
     pub cpu: Option<usize>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (a bare PORT means 127.0.0.1), from this
+    /// same executor; off by default.
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub metrics: Option<SocketAddr>,
     /// Socket driver: io_uring (a ring per executor, SINGLE_ISSUER|DEFER_TASKRUN where the
     /// kernel has them) or epoll (non-blocking system calls).
     #[arg(long, value_enum, value_name = "DRIVER", default_value_t = IoMode::Uring)]
@@ -139,6 +143,10 @@ pub struct LbArgs {
     /// Address to accept clients on.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:44444", value_parser = parse_addr)]
     pub listen: SocketAddr,
+    /// Serve Prometheus metrics at http://ADDR/metrics (a bare PORT means 127.0.0.1); off by
+    /// default.
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    pub metrics: Option<SocketAddr>,
     /// Backend address, in rotation order, optionally with a weight (ADDR,weight=3); repeat for
     /// each backend.
     #[arg(

@@ -326,7 +326,14 @@ fn run_backend(args: BackendArgs, shutdown: Shutdown) -> io::Result<()> {
         delay_on: args.delay_on.clone(),
         ..http_config(&args.http, args.io)
     };
-    let executor = backend::spawn(listeners, Some(cpu), config, shutdown)?;
+    let metrics = args.metrics.map(listen::bind_one).transpose()?;
+    if let Some(l) = &metrics {
+        println!(
+            "ringlab backend: metrics at http://{}/metrics (Prometheus text format)",
+            l.local_addr()?
+        );
+    }
+    let executor = backend::spawn_watched(listeners, Some(cpu), config, shutdown, metrics)?;
     println!(
         "ringlab backend: serving {} on CPU {cpu} (one glommio executor; sockets on {}); Ctrl-C \
          to stop",
@@ -393,7 +400,15 @@ fn run_lb(args: LbArgs, shutdown: Shutdown) -> io::Result<()> {
         head_timeout: args.head_timeout,
     };
     let placements: Vec<Option<usize>> = cpus.iter().copied().map(Some).collect();
-    let executors = balancer::spawn(listeners, &placements, config.clone(), shutdown)?;
+    let metrics = args.metrics.map(listen::bind_one).transpose()?;
+    if let Some(l) = &metrics {
+        println!(
+            "ringlab lb: metrics at http://{}/metrics (Prometheus text format)",
+            l.local_addr()?
+        );
+    }
+    let executors =
+        balancer::spawn_watched(listeners, &placements, config.clone(), shutdown, metrics)?;
     let backends: Vec<String> = args
         .backends
         .iter()

@@ -18,6 +18,7 @@ use crate::io::placement::{self, Executor};
 use crate::io::shutdown::{LocalStop, Shutdown};
 use crate::io::time;
 use crate::serve::http::{self, HeadError, Kind, Reply, Responses};
+use crate::serve::metrics;
 
 /// How a backend treats its clients.
 #[derive(Debug, Clone)]
@@ -131,6 +132,8 @@ struct Listener {
     delay: Delay,
     /// For exponential delays.
     rng: crate::rng::Rng,
+    /// Connections accepted so far (the accept loop returns its own count at the end).
+    accepted: std::cell::Cell<u64>,
 }
 
 impl Listener {
@@ -140,6 +143,7 @@ impl Listener {
             id,
             delay,
             rng: crate::rng::Rng::new(0x2545_f491_4f6c_dd1d ^ u64::from(addr.port())),
+            accepted: std::cell::Cell::new(0),
             responses: RefCell::new(Rc::new(Responses::new(&id, &http::now_fixdate()))),
             stats: RefCell::new(ListenerStats {
                 addr: Some(addr),
@@ -171,13 +175,83 @@ pub fn spawn(
     config: BackendConfig,
     shutdown: Shutdown,
 ) -> io::Result<Executor<io::Result<Vec<ListenerStats>>>> {
+    spawn_watched(listeners, cpu, config, shutdown, None)
+}
+
+/// [`spawn`], with a Prometheus endpoint on `metrics`.
+pub fn spawn_watched(
+    listeners: Vec<std::net::TcpListener>,
+    cpu: Option<usize>,
+    config: BackendConfig,
+    shutdown: Shutdown,
+    metrics: Option<std::net::TcpListener>,
+) -> io::Result<Executor<io::Result<Vec<ListenerStats>>>> {
     let name = match cpu {
         Some(cpu) => format!("backend-cpu{cpu}"),
         None => "backend".to_string(),
     };
     placement::spawn_pinned(&name, cpu, config.io, move || {
-        serve(listeners, config, shutdown)
+        serve_watched(listeners, config, shutdown, metrics)
     })
+}
+
+/// The backend's metric families.
+pub const FAMILIES: &[metrics::Family] = &[
+    metrics::Family {
+        name: "ringlab_backend_connections_accepted_total",
+        kind: metrics::Kind::Counter,
+        help: "Connections accepted, per listener.",
+    },
+    metrics::Family {
+        name: "ringlab_backend_connections_active",
+        kind: metrics::Kind::Gauge,
+        help: "Connections open now.",
+    },
+    metrics::Family {
+        name: "ringlab_backend_responses_total",
+        kind: metrics::Kind::Counter,
+        help: "Responses sent, per listener and status class (2xx; 404 for 404 and 405; 4xx for 400 and 431).",
+    },
+    metrics::Family {
+        name: "ringlab_backend_heads_timed_out_total",
+        kind: metrics::Kind::Counter,
+        help: "Request heads that did not complete within the head timeout.",
+    },
+];
+
+fn samples(contexts: &[Rc<Listener>], active: f64) -> Vec<metrics::Sample> {
+    use metrics::sample;
+    let mut out = vec![sample(
+        "ringlab_backend_connections_active",
+        &[],
+        active.max(0.0),
+    )];
+    for ctx in contexts {
+        let l = [(
+            "listener",
+            ctx.stats
+                .borrow()
+                .addr
+                .map_or("-".into(), |a| a.to_string()),
+        )];
+        let s = ctx.stats.borrow();
+        out.push(sample(
+            "ringlab_backend_connections_accepted_total",
+            &l,
+            ctx.accepted.get() as f64,
+        ));
+        for (class, n) in [("2xx", s.ok), ("404", s.not_found), ("4xx", s.refused)] {
+            let mut labels = l.to_vec();
+            labels.push(("code", class.into()));
+            out.push(sample("ringlab_backend_responses_total", &labels, n as f64));
+        }
+        out.push(sample(
+            "ringlab_backend_heads_timed_out_total",
+            &l,
+            s.timed_out as f64,
+        ));
+    }
+    out
 }
 
 /// Serves every listener on the current glommio executor until `shutdown` trips, then drains
@@ -187,7 +261,18 @@ pub async fn serve(
     config: BackendConfig,
     shutdown: Shutdown,
 ) -> io::Result<Vec<ListenerStats>> {
+    serve_watched(listeners, config, shutdown, None).await
+}
+
+/// [`serve`], with a Prometheus endpoint on `metrics`, served by this same executor.
+pub async fn serve_watched(
+    listeners: Vec<std::net::TcpListener>,
+    config: BackendConfig,
+    shutdown: Shutdown,
+    metrics: Option<std::net::TcpListener>,
+) -> io::Result<Vec<ListenerStats>> {
     let stop = LocalStop::watch(&shutdown);
+    let listening = listeners.len();
     let config = Rc::new(config);
     let gate = Gate::new();
     let deadlines = Deadlines::new(Deadlines::tick_for(config.head_timeout));
@@ -208,6 +293,7 @@ pub async fn serve(
         let (deadlines, limit) = (deadlines.clone(), limit.clone());
         loops.push(driver::spawn_local(async move {
             let accepted = accept::run(listener, &stop, &limit, |conn, slot| {
+                ctx.accepted.set(ctx.accepted.get() + 1);
                 // The gate only refuses once closed, which happens after every loop ended.
                 let served = serve_connection(
                     conn,
@@ -223,6 +309,18 @@ pub async fn serve(
         }));
     }
     let dates = driver::spawn_local(refresh_dates(contexts.clone(), stop.clone()));
+    let watching = metrics.map(|scrape| {
+        let hub = metrics::Hub::new(FAMILIES, 1);
+        let (watched, cap) = (contexts.clone(), limit.clone());
+        let max = config.max_conns as f64;
+        // Each accept loop holds one place in reserve for its next connection.
+        let reserved = listening as f64;
+        let collect = move || samples(&watched, max - cap.available() as f64 - reserved);
+        (
+            driver::spawn_local(metrics::publish_loop(hub.clone(), 0, stop.clone(), collect)),
+            driver::spawn_local(metrics::serve(scrape, hub, stop.clone())),
+        )
+    });
     let ticker = driver::spawn_local(deadlines.clone().run(stop.clone()));
     for task in loops {
         task.await;
@@ -240,6 +338,10 @@ pub async fn serve(
     }
     drop(dates);
     drop(ticker);
+    if let Some((publisher, scrapes)) = watching {
+        publisher.await;
+        scrapes.await;
+    }
     Ok(contexts.iter().map(|c| c.stats.borrow().clone()).collect())
 }
 

@@ -7,5 +7,6 @@ pub mod balancer;
 pub mod h1;
 pub mod health;
 pub mod http;
+pub mod metrics;
 pub mod policy;
 pub mod threaded;

@@ -170,6 +170,7 @@ impl Session<'_> {
             let _in_flight = shared.common.load.start(idx);
             shared.counters.borrow_mut()[idx].requests += 1;
             let mut backend = backend;
+            let sending = std::time::Instant::now();
             let mut sent = self.send(client, &backend, &req, mode).await;
             if matches!(sent, Sent::Unanswered) && was_pooled {
                 // The pooled connection had been closed by its backend: the request (a GET or
@@ -191,6 +192,7 @@ impl Session<'_> {
             }
             return match sent {
                 Sent::Answered(resp, closing) => {
+                    shared.response_latency.borrow_mut()[idx].record(sending.elapsed());
                     self.relay(client, backend, idx, resp, closing).await
                 }
                 Sent::ClientGone => {

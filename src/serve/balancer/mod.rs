@@ -17,6 +17,8 @@ use std::time::Duration;
 use futures_lite::future;
 use glommio::sync::Gate;
 
+use crate::serve::metrics;
+
 use crate::io::accept;
 use crate::io::conn::{self, Conn};
 use crate::io::deadline::Deadlines;
@@ -234,6 +236,21 @@ pub fn spawn(
     config: BalancerConfig,
     shutdown: Shutdown,
 ) -> io::Result<Vec<Executor<io::Result<BalancerReport>>>> {
+    spawn_watched(listeners, cpus, config, shutdown, None)
+}
+
+/// [`spawn`], with a Prometheus endpoint on `metrics` (served by the first executor).
+pub fn spawn_watched(
+    listeners: Vec<std::net::TcpListener>,
+    cpus: &[Option<usize>],
+    config: BalancerConfig,
+    shutdown: Shutdown,
+    metrics: Option<std::net::TcpListener>,
+) -> io::Result<Vec<Executor<io::Result<BalancerReport>>>> {
+    let hub = metrics
+        .is_some()
+        .then(|| metrics::Hub::new(FAMILIES, listeners.len()));
+    let mut scrape = metrics;
     if let Some(first) = listeners.first() {
         check_backends(first.local_addr()?, &config.backends)?;
     }
@@ -247,8 +264,9 @@ pub fn spawn(
         let (config, stopper, common) = (config.clone(), shutdown.clone(), common.clone());
         // One executor probes for all: the table is shared.
         let probe = i == 0;
+        let watch = hub.clone().map(|hub| (hub, i, scrape.take()));
         match placement::spawn_pinned(&name, cpu, config.io, move || async move {
-            let mut report = serve(listener, config, common, probe, stopper).await?;
+            let mut report = serve_watched(listener, config, common, probe, stopper, watch).await?;
             report.cpu = cpu;
             Ok(report)
         }) {
@@ -303,6 +321,11 @@ pub(super) struct Shared {
     self_loops: Cell<u64>,
     /// Backends that could turn out to be this balancer (see [`loop_guard`]).
     loop_guard: Vec<SocketAddr>,
+    /// Client connections accepted so far (the accept loop returns its own count at the end).
+    accepted: Cell<u64>,
+    /// Per backend: how long connects took, and (HTTP mode) how long until the response head.
+    connect_latency: RefCell<Vec<metrics::Latency>>,
+    pub(super) response_latency: RefCell<Vec<metrics::Latency>>,
 }
 
 /// Runs the balancer on the current glommio executor until `shutdown` trips, then drains
@@ -314,6 +337,19 @@ pub async fn serve(
     common: Arc<Common>,
     probe: bool,
     shutdown: Shutdown,
+) -> io::Result<BalancerReport> {
+    serve_watched(listener, config, common, probe, shutdown, None).await
+}
+
+/// [`serve`], publishing this executor's counters into `metrics` (its hub, this executor's slot,
+/// and on one executor the scrape listener).
+pub async fn serve_watched(
+    listener: std::net::TcpListener,
+    config: BalancerConfig,
+    common: Arc<Common>,
+    probe: bool,
+    shutdown: Shutdown,
+    metrics: Option<(Arc<metrics::Hub>, usize, Option<std::net::TcpListener>)>,
 ) -> io::Result<BalancerReport> {
     if config.backends.is_empty() {
         return Err(io::Error::new(
@@ -353,6 +389,9 @@ pub async fn serve(
         buffers: BufferPool::new(config.buffer_size),
         self_loops: Cell::new(0),
         loop_guard: loop_guard(listening, &config.backends),
+        accepted: Cell::new(0),
+        connect_latency: RefCell::new(vec![metrics::Latency::default(); config.backends.len()]),
+        response_latency: RefCell::new(vec![metrics::Latency::default(); config.backends.len()]),
         config,
     });
     let ticker = driver::spawn_local(shared.deadlines.clone().run(stop.clone()));
@@ -373,7 +412,25 @@ pub async fn serve(
         ))),
         Mode::Tcp => None,
     };
+    let (publisher, scrapes) = match metrics {
+        Some((hub, slot, scrape)) => {
+            let (watched, cap) = (shared.clone(), limit.clone());
+            let max = shared.config.max_conns as f64;
+            // The accept loop holds one place in reserve for the next connection.
+            let collect = move || samples(&watched, max - cap.available() as f64 - 1.0, slot == 0);
+            let publisher = driver::spawn_local(metrics::publish_loop(
+                hub.clone(),
+                slot,
+                stop.clone(),
+                collect,
+            ));
+            let scrapes = scrape.map(|l| driver::spawn_local(metrics::serve(l, hub, stop.clone())));
+            (Some(publisher), scrapes)
+        }
+        None => (None, None),
+    };
     let accepted = accept::run(listener, &stop, &limit, |client, slot| {
+        shared.accepted.set(shared.accepted.get() + 1);
         match shared.config.mode {
             Mode::Tcp => accept::spawn_connection(&gate, slot, tcp::proxy(client, shared.clone())),
             Mode::Http => {
@@ -405,6 +462,12 @@ pub async fn serve(
     drop(ticker);
     drop(prober);
     drop(pruner);
+    if let Some(publisher) = publisher {
+        publisher.await;
+    }
+    if let Some(scrapes) = scrapes {
+        scrapes.await;
+    }
     // Pooled connections are closed cleanly (a FIN, no request in flight on them).
     shared.pool.clear();
     let report = BalancerReport {
@@ -418,6 +481,156 @@ pub async fn serve(
         http: shared.http.borrow().clone(),
     };
     Ok(report)
+}
+
+/// The balancer's metric families.
+pub const FAMILIES: &[metrics::Family] = &[
+    metrics::Family {
+        name: "ringlab_lb_connections_accepted_total",
+        kind: metrics::Kind::Counter,
+        help: "Client connections accepted.",
+    },
+    metrics::Family {
+        name: "ringlab_lb_connections_active",
+        kind: metrics::Kind::Gauge,
+        help: "Client connections open now.",
+    },
+    metrics::Family {
+        name: "ringlab_lb_connections_refused_total",
+        kind: metrics::Kind::Counter,
+        help: "Client connections closed unserved: no backend reachable, or the balancer itself.",
+    },
+    metrics::Family {
+        name: "ringlab_lb_replayed_total",
+        kind: metrics::Kind::Counter,
+        help: "Requests sent again to another backend (TCP replay) or on a fresh connection (HTTP).",
+    },
+    metrics::Family {
+        name: "ringlab_lb_http_requests_total",
+        kind: metrics::Kind::Counter,
+        help: "Requests read from clients in the HTTP mode, by how they ended.",
+    },
+    metrics::Family {
+        name: "ringlab_lb_backend_up",
+        kind: metrics::Kind::Gauge,
+        help: "1 when the backend is in rotation, 0 when health took it out.",
+    },
+    metrics::Family {
+        name: "ringlab_lb_backend_connections_total",
+        kind: metrics::Kind::Counter,
+        help: "Client connections relayed to the backend (TCP mode).",
+    },
+    metrics::Family {
+        name: "ringlab_lb_backend_requests_total",
+        kind: metrics::Kind::Counter,
+        help: "Requests sent to the backend (HTTP mode).",
+    },
+    metrics::Family {
+        name: "ringlab_lb_backend_sent_bytes_total",
+        kind: metrics::Kind::Counter,
+        help: "Bytes relayed from clients to the backend (TCP mode, counted as pairs end).",
+    },
+    metrics::Family {
+        name: "ringlab_lb_backend_received_bytes_total",
+        kind: metrics::Kind::Counter,
+        help: "Bytes relayed from the backend to clients (TCP mode, counted as pairs end).",
+    },
+    metrics::Family {
+        name: "ringlab_lb_backend_connect_failures_total",
+        kind: metrics::Kind::Counter,
+        help: "Connects to the backend that failed or timed out.",
+    },
+    metrics::Family {
+        name: "ringlab_lb_backend_unanswered_total",
+        kind: metrics::Kind::Counter,
+        help: "Connections the backend closed or reset before answering a byte.",
+    },
+    metrics::Family {
+        name: "ringlab_lb_backend_resets_total",
+        kind: metrics::Kind::Counter,
+        help: "Pairs reset mid-way, by which side reset first.",
+    },
+    metrics::Family {
+        name: "ringlab_lb_backend_connect_seconds",
+        kind: metrics::Kind::Histogram,
+        help: "Time to connect to the backend.",
+    },
+    metrics::Family {
+        name: "ringlab_lb_backend_response_seconds",
+        kind: metrics::Kind::Histogram,
+        help: "Time from sending a request to the backend's response head (HTTP mode).",
+    },
+];
+
+/// This executor's numbers as samples (`active`: client connections open now). Gauges of state
+/// the executors share (backend health) come from the first executor only, as they must not
+/// be summed.
+fn samples(shared: &Shared, active: f64, first: bool) -> Vec<metrics::Sample> {
+    use metrics::sample;
+    let mut out = vec![
+        sample(
+            "ringlab_lb_connections_accepted_total",
+            &[],
+            shared.accepted.get() as f64,
+        ),
+        sample("ringlab_lb_connections_active", &[], active.max(0.0)),
+        sample(
+            "ringlab_lb_connections_refused_total",
+            &[],
+            (shared.unserved.get() + shared.self_loops.get()) as f64,
+        ),
+    ];
+    let http = shared.http.borrow();
+    out.push(sample(
+        "ringlab_lb_replayed_total",
+        &[],
+        (shared.retried.get() + http.retried) as f64,
+    ));
+    let answered = http.requests - http.refused - http.bad_gateway - http.gateway_timeout;
+    for (outcome, n) in [
+        ("answered", answered),
+        ("refused", http.refused),
+        ("bad_gateway", http.bad_gateway),
+        ("gateway_timeout", http.gateway_timeout),
+    ] {
+        out.push(sample(
+            "ringlab_lb_http_requests_total",
+            &[("outcome", outcome.into())],
+            n as f64,
+        ));
+    }
+    drop(http);
+    let counters = shared.counters.borrow();
+    let connects = shared.connect_latency.borrow();
+    let responses = shared.response_latency.borrow();
+    for (i, c) in counters.iter().enumerate() {
+        let b = [("backend", shared.config.backends[i].to_string())];
+        if first {
+            let up = f64::from(u8::from(shared.common.health.usable(i)));
+            out.push(sample("ringlab_lb_backend_up", &b, up));
+        }
+        for (name, v) in [
+            ("ringlab_lb_backend_connections_total", c.connections),
+            ("ringlab_lb_backend_requests_total", c.requests),
+            ("ringlab_lb_backend_sent_bytes_total", c.bytes_up),
+            ("ringlab_lb_backend_received_bytes_total", c.bytes_down),
+            (
+                "ringlab_lb_backend_connect_failures_total",
+                c.connect_failures,
+            ),
+            ("ringlab_lb_backend_unanswered_total", c.unanswered),
+        ] {
+            out.push(sample(name, &b, v as f64));
+        }
+        for (by, v) in [("backend", c.backend_resets), ("client", c.client_resets)] {
+            let mut l = b.to_vec();
+            l.push(("by", by.into()));
+            out.push(sample("ringlab_lb_backend_resets_total", &l, v as f64));
+        }
+        connects[i].samples("ringlab_lb_backend_connect_seconds", &b, &mut out);
+        responses[i].samples("ringlab_lb_backend_response_seconds", &b, &mut out);
+    }
+    out
 }
 
 /// The active health check: a TCP connect to every backend each `every`. A probe slower than the
@@ -536,9 +749,11 @@ pub(super) async fn connect_next(
 /// Connects to backend `idx`, counting a failure against its health.
 pub(super) async fn connect_to(shared: &Shared, idx: usize) -> Option<Conn> {
     let addr = shared.config.backends[idx];
+    let started = std::time::Instant::now();
     match conn::connect(addr, shared.config.connect_timeout).await {
         Ok(server) => {
             shared.common.health.success(idx);
+            shared.connect_latency.borrow_mut()[idx].record(started.elapsed());
             Some(server)
         }
         Err(e) => {
