@@ -57,6 +57,7 @@ fn main() {
         io: vec![IoMode::Uring, IoMode::Epoll],
         lab: LabSetup::default(),
         rates: None,
+        target_pids: Vec::new(),
     };
     println!(
         "ringlab e2e bench: {requests} requests per cell, median of {repeat}; {}",

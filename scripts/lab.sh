@@ -65,6 +65,8 @@ done
 "$bin" sweep \
   --target lb=127.0.0.1:44444 --target direct=127.0.0.1:45000 --target threaded=127.0.0.1:46000 \
   --client-cpus "$CLIENT_CPU" --label handout --io "$IO" \
+  --target-pid "lb=${pids[4]},${pids[0]},${pids[1]},${pids[2]},${pids[3]}" \
+  --target-pid "direct=${pids[5]}" --target-pid "threaded=${pids[6]}" \
   --note "separate processes, sockets on $IO: four backends (9002-9005) and direct (45000) on CPU $SERVER_CPU, lb (44444) on CPU $LB_CPU, threaded (46000) unpinned" \
   "$@"
 

@@ -385,6 +385,10 @@ pub struct SweepArgs {
     /// CPU for the backends, the direct server and the threaded server [default: the last CPU].
     #[arg(long, value_name = "N")]
     pub server_cpu: Option<usize>,
+    /// The processes serving a --target, e.g. lb=4242,4243 (repeatable): each cell then records
+    /// their CPU time per request (user + system from /proc, every thread).
+    #[arg(long = "target-pid", value_name = "NAME=PID[,PID…]", value_parser = parse_target_pids)]
+    pub target_pids: Vec<(String, Vec<u32>)>,
     /// How servers given with --target were placed on CPUs, recorded in the results.
     #[arg(long, value_name = "TEXT")]
     pub note: Option<String>,
@@ -591,6 +595,20 @@ pub fn parse_rates(s: &str) -> Result<Rates, String> {
         .collect::<Result<Vec<f64>, String>>()
         .map_err(|e| format!("{e}; --rates takes a list such as 2k,4k,8k, or auto"))?;
     Ok(Rates::List(list))
+}
+
+/// Parses `NAME=PID[,PID…]`.
+fn parse_target_pids(s: &str) -> Result<(String, Vec<u32>), String> {
+    let bad = || format!("'{s}' is not NAME=PID[,PID…]; e.g. lb=4242 or direct=4243,4244");
+    let (name, pids) = s.split_once('=').ok_or_else(bad)?;
+    let pids = pids
+        .split(',')
+        .map(|p| p.trim().parse::<u32>().map_err(|_| bad()))
+        .collect::<Result<Vec<_>, _>>()?;
+    if name.is_empty() {
+        return Err(bad());
+    }
+    Ok((name.to_string(), pids))
 }
 
 /// Parses an HTTP method token.

@@ -178,6 +178,15 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
             io: None,
         })
         .collect();
+    if let Some((name, _)) = args
+        .target_pids
+        .iter()
+        .find(|(name, _)| !args.targets.iter().any(|(t, _)| t == name))
+    {
+        return Err(cli::usage(format!(
+            "--target-pid {name}=…: no --target is named {name}; name the target it serves"
+        )));
+    }
     let config = SweepConfig {
         requests: args.requests,
         concurrency: args.concurrency.map_or_else(
@@ -215,6 +224,7 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
                 .collect(),
             ..LabSetup::default()
         },
+        target_pids: args.target_pids.clone(),
         rates: args.rates.clone().map(|rates| RatePlan {
             rates,
             duration: args.duration,

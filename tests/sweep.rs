@@ -26,6 +26,7 @@ fn small(targets: Vec<ringlab::lab::topology::NamedTarget>) -> SweepConfig {
         io: vec![common::driver()],
         lab: ringlab::lab::topology::LabSetup::default(),
         rates: None,
+        target_pids: Vec::new(),
     }
 }
 
@@ -109,6 +110,9 @@ fn the_cli_sweeps_given_targets_into_the_out_folder() {
         .arg("--out")
         .arg(dir.path())
         .args(["--note", "backend unpinned, in the test process"])
+        // The backend runs in this test process: its CPU is what the sweep should read.
+        .arg("--target-pid")
+        .arg(format!("one={}", std::process::id()))
         .output()
         .unwrap();
     assert!(
@@ -132,6 +136,18 @@ fn the_cli_sweeps_given_targets_into_the_out_folder() {
     assert!(readme.contains("backend unpinned, in the test process"));
     assert!(readme.contains(&format!("### PORT {} (one)", b.addr().port())));
     assert!(folder.join("sweep.json").exists() && folder.join("chart.svg").exists());
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(folder.join("sweep.json")).unwrap()).unwrap();
+    let us = json["cells"][0]["runs"][0]["server_cpu_us_per_request"].as_f64();
+    assert!(us.is_some_and(|us| us > 0.0), "server CPU from --target-pid: {us:?}");
+
+    // A --target-pid naming no target is a usage error.
+    let out = Command::new(env!("CARGO_BIN_EXE_ringlab"))
+        .args(["sweep", "--target", "one=127.0.0.1:9", "--target-pid", "two=1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--target-pid two"));
 }
 }
 

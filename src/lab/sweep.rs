@@ -52,6 +52,9 @@ pub struct SweepConfig {
     pub stop: Shutdown,
     /// Open loop: the offered rates to measure (`--rates`); `None` is the closed-loop matrix.
     pub rates: Option<RatePlan>,
+    /// For targets started elsewhere: the processes serving each (`--target-pid`), whose CPU
+    /// time per request each cell records.
+    pub target_pids: Vec<(String, Vec<u32>)>,
 }
 
 /// Which offered rates an open-loop sweep measures.
@@ -398,6 +401,12 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
     let bench = |target: &NamedTarget, requests: u64, concurrency: usize, rate: Option<f64>| {
         let plan = config.rates.as_ref();
         let cpu_before = crate::io::placement::process_cpu();
+        let pids = config
+            .target_pids
+            .iter()
+            .find(|(name, _)| *name == target.name)
+            .map(|(_, pids)| pids.as_slice());
+        let pids_before = pids.map(processes_cpu);
         let measured = client::run(BenchConfig {
             target: Target::from_addr(target.addr),
             request: RequestSpec::default(),
@@ -419,7 +428,10 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
             .map(|mut r| {
                 // The lab runs in this process: all its CPU but the client's is the servers'
                 // (the other targets idle meanwhile).
-                if in_process && r.complete > 0 {
+                if let (Some(pids), Some(before)) = (pids, pids_before) {
+                    let servers = cpu_between(before, processes_cpu(pids));
+                    r.server_cpu_us_per_request = Some(servers * 1e6 / r.complete.max(1) as f64);
+                } else if in_process && r.complete > 0 {
                     let servers = (cpu - r.client_cpu_secs).max(0.0);
                     r.server_cpu_us_per_request = Some(servers * 1e6 / r.complete as f64);
                 }
@@ -620,6 +632,51 @@ pub fn describe_placement(started_lab: bool, placement: &Placement, note: Option
         crate::io::placement::format_cpus(&placement.client),
         note.unwrap_or("placement not recorded (pass --note)")
     )
+}
+
+/// CPU the processes `pids` have used, two ways: (clock ticks from `/proc/PID/stat`, which
+/// include threads that have exited but count in 10 ms steps; nanoseconds summed over the live
+/// threads' `/proc/PID/task/TID/schedstat`), in seconds. A process that is gone counts as none.
+fn processes_cpu(pids: &[u32]) -> (f64, f64) {
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let mut ticks = 0.0;
+    let mut ns = 0.0;
+    for pid in pids {
+        if let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+            // Fields after the command name (which may hold spaces) start after the last ')'.
+            if let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let field = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+                ticks += field(11) + field(12);
+            }
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            if let Ok(sched) = std::fs::read_to_string(task.path().join("schedstat")) {
+                ns += sched
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<f64>().ok())
+                    .unwrap_or(0.0);
+            }
+        }
+    }
+    (ticks / hz, ns / 1e9)
+}
+
+/// The CPU used between two [`processes_cpu`] readings: the tick count once it is coarse no
+/// more (200 ms and up: it also holds threads that exited, as a thread-per-connection server's
+/// do), else the live threads' nanoseconds.
+fn cpu_between(before: (f64, f64), after: (f64, f64)) -> f64 {
+    let ticks = after.0 - before.0;
+    if ticks >= 0.2 {
+        ticks
+    } else {
+        (after.1 - before.1).max(0.0)
+    }
 }
 
 /// Index of the run with the median `key` (the lower middle for an even count).
