@@ -42,6 +42,19 @@ pub enum Command {
     Sweep(SweepArgs),
     /// Compare two sweeps cell by cell, each difference judged against the repetitions' noise.
     Diff(DiffArgs),
+    /// Combine `bench --format json` results run at once (several clients), percentiles exact.
+    Merge(MergeArgs),
+}
+
+/// `ringlab merge`.
+#[derive(Debug, Args)]
+pub struct MergeArgs {
+    /// `ringlab bench --format json` outputs of one target, measured at the same time.
+    #[arg(value_name = "RESULT.json", required = true, num_args = 1..)]
+    pub files: Vec<std::path::PathBuf>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
 /// `ringlab diff`.

@@ -14,6 +14,7 @@ use crate::io::shutdown::{self, Shutdown};
 use crate::lab::client::{self, BenchConfig, RequestSpec, Target};
 use crate::lab::diff;
 use crate::lab::hgrm;
+use crate::lab::merge;
 use crate::lab::report;
 use crate::lab::results;
 use crate::lab::sweep::{self, RatePlan, SweepConfig};
@@ -35,6 +36,16 @@ pub fn run(command: Command) -> io::Result<()> {
         Command::Bench(args) => run_bench(args, shutdown),
         Command::Sweep(args) => run_sweep(args, shutdown),
         Command::Diff(args) => run_diff(args),
+        Command::Merge(args) => {
+            let parts = args
+                .files
+                .iter()
+                .map(|f| merge::load(f))
+                .collect::<io::Result<Vec<_>>>()?;
+            let merged = merge::merge(&parts).map_err(io::Error::other)?;
+            print!("{}", report::render(&merged, args.format));
+            Ok(())
+        }
     }
 }
 

@@ -15,7 +15,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::io::conn::{self, Conn};
 use crate::io::deadline::{Deadline, Deadlines};
@@ -73,7 +73,7 @@ pub struct BenchConfig {
 }
 
 /// ab's failure kinds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failures {
     /// The connect was refused or timed out.
     pub connect: u64,
@@ -100,7 +100,7 @@ impl Failures {
 }
 
 /// One of ab's Connection Times rows, in milliseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct TimeStats {
     /// Fastest.
     pub min: f64,
@@ -115,7 +115,7 @@ pub struct TimeStats {
 }
 
 /// Latency percentiles of the total request time, in microseconds.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
 pub struct Percentiles {
     /// Median.
     pub p50: u64,
@@ -129,8 +129,14 @@ pub struct Percentiles {
     pub max: u64,
 }
 
+/// A histogram at the client's bounds (1 µs to an hour, 3 significant digits), empty.
+pub fn empty_histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds")
+}
+
 impl Percentiles {
-    fn of(h: &Histogram<u64>) -> Percentiles {
+    /// The percentiles of a histogram of microseconds.
+    pub fn of(h: &Histogram<u64>) -> Percentiles {
         Percentiles {
             p50: h.value_at_quantile(0.5),
             p90: h.value_at_quantile(0.9),
@@ -142,7 +148,7 @@ impl Percentiles {
 }
 
 /// What an open-loop run measured besides the closed loop's numbers.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OpenLoop {
     /// Requests per second asked for.
     pub offered_rate: f64,
@@ -169,7 +175,7 @@ pub struct OpenLoop {
 }
 
 /// Everything one benchmark measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchResult {
     /// What was hit.
     pub target: Target,
@@ -209,7 +215,7 @@ pub struct BenchResult {
     pub latency_us: Percentiles,
     /// The histogram behind `latency_us`, every count (not serialized as is: see
     /// `latency_histogram`).
-    #[serde(skip)]
+    #[serde(skip, default = "empty_histogram")]
     pub histogram: Histogram<u64>,
     /// `histogram` in HdrHistogram's V2 compressed serialization, base64 ([`crate::lab::hgrm`]),
     /// so runs can be merged and re-plotted without losing precision.

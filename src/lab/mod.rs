@@ -7,6 +7,7 @@ pub mod curves;
 pub mod diff;
 pub mod hgrm;
 pub mod machine;
+pub mod merge;
 pub mod pacer;
 pub mod report;
 pub mod results;

@@ -3,10 +3,10 @@
 
 use std::net::{SocketAddr, ToSocketAddrs};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Where to send requests, parsed from an `http://host:port/path` URL.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Target {
     /// The resolved address.
     pub addr: SocketAddr,
