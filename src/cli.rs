@@ -44,6 +44,29 @@ pub enum Command {
     Diff(DiffArgs),
     /// Combine `bench --format json` results run at once (several clients), percentiles exact.
     Merge(MergeArgs),
+    /// Network namespaces standing in for hosts: one per role, veth pairs to a bridge,
+    /// 198.18.0.0/15 addresses (needs root).
+    Netlab(NetlabArgs),
+}
+
+/// `ringlab netlab`.
+#[derive(Debug, Args)]
+pub struct NetlabArgs {
+    /// `up` builds the namespaces (client 198.18.0.1, lb .2, backends .3); `down` removes them.
+    #[arg(value_enum)]
+    pub action: NetlabAction,
+    /// Name prefix of the namespaces and interfaces (1 to 8 letters or digits).
+    #[arg(long, default_value = "rl")]
+    pub prefix: String,
+}
+
+/// What `ringlab netlab` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NetlabAction {
+    /// Build the namespaces, veth pairs and bridge.
+    Up,
+    /// Remove exactly what `up` made.
+    Down,
 }
 
 /// `ringlab merge`.

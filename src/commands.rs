@@ -15,6 +15,7 @@ use crate::lab::client::{self, BenchConfig, RequestSpec, Target};
 use crate::lab::diff;
 use crate::lab::hgrm;
 use crate::lab::merge;
+use crate::lab::netlab;
 use crate::lab::report;
 use crate::lab::results;
 use crate::lab::sweep::{self, RatePlan, SweepConfig};
@@ -36,6 +37,31 @@ pub fn run(command: Command) -> io::Result<()> {
         Command::Bench(args) => run_bench(args, shutdown),
         Command::Sweep(args) => run_sweep(args, shutdown),
         Command::Diff(args) => run_diff(args),
+        Command::Netlab(args) => match args.action {
+            cli::NetlabAction::Up => {
+                netlab::up(&args.prefix)?;
+                for (role, addr) in netlab::ROLES {
+                    println!(
+                        "ringlab netlab: {} = {addr} (ip netns exec {} …)",
+                        role,
+                        netlab::namespace(&args.prefix, role)
+                    );
+                }
+                Ok(())
+            }
+            cli::NetlabAction::Down => {
+                let removed = netlab::down(&args.prefix)?;
+                println!(
+                    "ringlab netlab: removed {}",
+                    if removed.is_empty() {
+                        "nothing (none were there)".to_string()
+                    } else {
+                        removed.join(", ")
+                    }
+                );
+                Ok(())
+            }
+        },
         Command::Merge(args) => {
             let parts = args
                 .files

@@ -8,6 +8,7 @@ pub mod diff;
 pub mod hgrm;
 pub mod machine;
 pub mod merge;
+pub mod netlab;
 pub mod pacer;
 pub mod report;
 pub mod results;
