@@ -9,17 +9,9 @@ use std::process::Command;
 use ringlab::lab::hgrm;
 
 fn bench_json(url: &str, n: &str) -> serde_json::Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_ringlab"))
-        .args([
-            "bench", "-n", n, "-c", "2", "--cpus", "0", "--format", "json", url,
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = common::succeeds(Command::new(env!("CARGO_BIN_EXE_ringlab")).args([
+        "bench", "-n", n, "-c", "2", "--cpus", "0", "--format", "json", url,
+    ]));
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -32,16 +24,11 @@ fn two_clients_merge_into_the_histogram_of_their_union() {
     let (pa, pb) = (dir.path().join("a.json"), dir.path().join("b.json"));
     std::fs::write(&pa, a.to_string()).unwrap();
     std::fs::write(&pb, b.to_string()).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_ringlab"))
-        .args(["merge", "--format", "json"])
-        .arg(&pa)
-        .arg(&pb)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeeds(
+        Command::new(env!("CARGO_BIN_EXE_ringlab"))
+            .args(["merge", "--format", "json"])
+            .arg(&pa)
+            .arg(&pb),
     );
     let m: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(m["complete"], 800);

@@ -79,7 +79,7 @@ fn the_lab_runs_through_namespaces_and_leaves_nothing_behind() {
         .unwrap(),
     );
     std::thread::sleep(Duration::from_millis(500));
-    let out = in_ns(
+    let out = common::succeeds(&mut in_ns(
         &format!("{prefix}-client"),
         &[
             "bench",
@@ -91,14 +91,7 @@ fn the_lab_runs_through_namespaces_and_leaves_nothing_behind() {
             "json",
             "http://198.18.0.2:44444/",
         ],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["complete"], 200);
     assert_eq!(r["failed_total"], 0);

@@ -186,25 +186,20 @@ fn latency_out_writes_a_percentile_spectrum_with_its_header_and_columns() {
     let lab = backend(1);
     let dir = tempfile::tempdir().unwrap();
     let hgrm = dir.path().join("run.hgrm");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ringlab"))
-        .args([
-            "bench",
-            "--rate",
-            "2k",
-            "-n",
-            "1000",
-            "-c",
-            "10",
-            "--latency-out",
-        ])
-        .arg(&hgrm)
-        .arg(format!("http://{}/", lab.addrs[0]))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = common::succeeds(
+        std::process::Command::new(env!("CARGO_BIN_EXE_ringlab"))
+            .args([
+                "bench",
+                "--rate",
+                "2k",
+                "-n",
+                "1000",
+                "-c",
+                "10",
+                "--latency-out",
+            ])
+            .arg(&hgrm)
+            .arg(format!("http://{}/", lab.addrs[0])),
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     for field in [

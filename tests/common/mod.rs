@@ -260,3 +260,16 @@ pub fn exchange_counting_segments(addr: SocketAddr, request: &[u8]) -> (Vec<u8>,
     assert_eq!(rc, 0, "TCP_INFO: {}", std::io::Error::last_os_error());
     (out, info.tcpi_segs_in)
 }
+
+/// Runs `cmd` to the end and returns its output, failing the test (with the command's stderr)
+/// unless it exited 0.
+pub fn succeeds(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
