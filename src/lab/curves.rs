@@ -48,7 +48,7 @@ fn markdown(s: &Sweep) -> String {
             factor,
             max_steps,
         } => format!(
-            "from {start:.0} req/s up, ×{factor} a step (at most {max_steps}), per target until it stops keeping up"
+            "from {start:.0} req/s up, ×{factor} a step (at most {max_steps}), per target until it stops keeping up, then the gap around each knee halved twice"
         ),
     };
     let matrix = format!(

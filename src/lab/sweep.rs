@@ -539,7 +539,8 @@ fn warm_up(config: &SweepConfig, targets: &[NamedTarget], bench: &Bench) -> Resu
 
 /// The open-loop matrix: each rate for every target still keeping up, repetitions outermost
 /// within a rate and targets interleaved. Listed rates are all measured; `auto` steps up until
-/// no target keeps up.
+/// no target keeps up, then halves the gap between each target's knee and the first rate it
+/// missed, [`REFINE`] times, so the knee is not only bounded by a 1.5× step.
 fn measure_rates(
     config: &SweepConfig,
     plan: &RatePlan,
@@ -549,8 +550,6 @@ fn measure_rates(
     progress: &Progress,
     bench: &Bench,
 ) -> Status {
-    // The most in flight: the largest concurrency asked for.
-    let c = config.concurrency.iter().copied().max().unwrap_or(1);
     let (rates, auto) = match &plan.rates {
         Rates::List(list) => (list.clone(), false),
         Rates::Auto {
@@ -564,29 +563,16 @@ fn measure_rates(
             true,
         ),
     };
+    let mut cell = |t: &NamedTarget, rate: f64, rep: usize, sweep: &mut Sweep| {
+        measure_rate_cell(config, plan, t, rate, rep, sweep, record, progress, bench)
+    };
     let mut active: Vec<&NamedTarget> = targets.iter().collect();
     for rate in rates {
-        let requests = (rate * plan.duration.as_secs_f64()).ceil().max(1.0) as u64;
         for rep in 0..config.repeat {
             for t in &active {
-                if config.stop.is_triggered() {
-                    return Status::Interrupted;
+                if let Err(status) = cell(t, rate, rep, sweep) {
+                    return status;
                 }
-                let r = match ended(bench(t, requests, c.min(requests as usize), Some(rate))) {
-                    Ok(r) => r,
-                    Err(status) => return status,
-                };
-                progress.step(&format!(
-                    "rep {}/{} {rate:.0} req/s {}: achieved {:.0}, p99 {} us, {} failed",
-                    rep + 1,
-                    config.repeat,
-                    t.name,
-                    r.requests_per_sec(),
-                    r.latency_us.p99,
-                    r.failed.total()
-                ));
-                sweep.add(&t.name, c.min(requests as usize), Some(rate), r);
-                record.measured(sweep);
             }
         }
         if auto {
@@ -597,13 +583,78 @@ fn measure_rates(
                     .is_some_and(|cell| plan.keeps_up(cell.median_run()))
             });
             sweep.planned_runs = sweep.measured_runs()
-                + active.len() * config.repeat * (sweep_steps_left(&plan.rates, rate));
+                + (active.len() * sweep_steps_left(&plan.rates, rate) + targets.len() * REFINE)
+                    * config.repeat;
             if active.is_empty() {
                 break;
             }
         }
     }
+    if !auto {
+        return Status::Complete;
+    }
+    for _ in 0..REFINE {
+        // Per target: halfway between its knee and the first rate it missed.
+        let between: Vec<(&NamedTarget, f64)> = targets
+            .iter()
+            .filter_map(|t| {
+                let knee = sweep.knee(&t.name)?.rate?;
+                let missed = sweep
+                    .rate_cells(&t.name)
+                    .into_iter()
+                    .find(|c| c.rate.is_some_and(|r| r > knee))?
+                    .rate?;
+                let mid = ((knee + missed) / 2.0).round();
+                (mid > knee && mid < missed).then_some((t, mid))
+            })
+            .collect();
+        for rep in 0..config.repeat {
+            for &(t, rate) in &between {
+                if let Err(status) = cell(t, rate, rep, sweep) {
+                    return status;
+                }
+            }
+        }
+    }
+    sweep.planned_runs = sweep.measured_runs();
     Status::Complete
+}
+
+/// How many times `auto` halves the gap around each knee.
+const REFINE: usize = 2;
+
+/// One repetition of one open-loop cell: the target at `rate` for the plan's duration.
+#[allow(clippy::too_many_arguments)]
+fn measure_rate_cell(
+    config: &SweepConfig,
+    plan: &RatePlan,
+    t: &NamedTarget,
+    rate: f64,
+    rep: usize,
+    sweep: &mut Sweep,
+    record: &mut dyn Record,
+    progress: &Progress,
+    bench: &Bench,
+) -> Result<(), Status> {
+    if config.stop.is_triggered() {
+        return Err(Status::Interrupted);
+    }
+    // The most in flight: the largest concurrency asked for.
+    let c = config.concurrency.iter().copied().max().unwrap_or(1);
+    let requests = (rate * plan.duration.as_secs_f64()).ceil().max(1.0) as u64;
+    let r = ended(bench(t, requests, c.min(requests as usize), Some(rate)))?;
+    progress.step(&format!(
+        "rep {}/{} {rate:.0} req/s {}: achieved {:.0}, p99 {} us, {} failed",
+        rep + 1,
+        config.repeat,
+        t.name,
+        r.requests_per_sec(),
+        r.latency_us.p99,
+        r.failed.total()
+    ));
+    sweep.add(&t.name, c.min(requests as usize), Some(rate), r);
+    record.measured(sweep);
+    Ok(())
 }
 
 /// Steps an `auto` plan has left after `rate`.
