@@ -208,7 +208,7 @@ def measure_client(name, port, n, c, cpu, wrk_secs):
         rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out.stdout).group(1))
         errs = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out.stdout)
         failed = sum(int(x) for x in errs.groups()) if errs else 0
-    return {"name": name, "requests": done, "failed": failed, "req_per_sec": rate,
+    return {"name": name, "concurrency": c, "requests": done, "failed": failed, "req_per_sec": rate,
             "cpu_us_per_req": t * 1e6 / max(1, done)}
 
 
