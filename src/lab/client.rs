@@ -91,7 +91,8 @@ impl Failures {
         self.connect + self.receive + self.length + self.exceptions
     }
 
-    fn add(&mut self, o: &Failures) {
+    /// Adds another run's failures into these.
+    pub(crate) fn add(&mut self, o: &Failures) {
         self.connect += o.connect;
         self.receive += o.receive;
         self.length += o.length;
@@ -362,7 +363,7 @@ struct Tally {
 
 impl Tally {
     fn new() -> Tally {
-        let h = || Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("valid bounds");
+        let h = empty_histogram;
         Tally {
             complete: 0,
             failed: Failures::default(),
@@ -753,6 +754,11 @@ async fn worker(
     }
 }
 
+/// A duration as the histograms record it: whole microseconds, at least 1 (their lowest bound).
+fn micros(d: Duration) -> u64 {
+    (d.as_micros() as u64).max(1)
+}
+
 /// Takes this executor's next open-loop slot and waits for it; returns its intended send time.
 /// A worker that comes free after its slot sends at once: every connection was busy, and the
 /// wait is charged to the request.
@@ -774,7 +780,7 @@ async fn wait_for_slot(pacer: &Pacer, tally: &RefCell<Tally>) -> Instant {
     }
     let lag = Instant::now().saturating_duration_since(intended);
     let mut t = tally.borrow_mut();
-    let us = (lag.as_micros() as u64).max(1);
+    let us = micros(lag);
     let _ = t.send_lag.record(us);
     if free_in_time {
         let _ = t.pacer_lag.record(us);
@@ -869,7 +875,7 @@ async fn one_request(
                     } else {
                         shared.good.fetch_add(1, Ordering::Relaxed);
                     }
-                    let us = |d: Duration| (d.as_micros() as u64).max(1);
+                    let us = micros;
                     let total = end.duration_since(start);
                     let connect = connected.duration_since(start);
                     let _ = t.total.record(us(total));

@@ -5,7 +5,7 @@
 use std::io;
 use std::path::Path;
 
-use crate::lab::client::{BenchResult, Failures, OpenLoop, Percentiles, TimeStats};
+use crate::lab::client::{BenchResult, OpenLoop, Percentiles, TimeStats};
 use crate::lab::hgrm;
 
 /// Reads one `ringlab bench --format json` result, its histogram decoded.
@@ -45,7 +45,7 @@ pub fn merge(parts: &[BenchResult]) -> Result<BenchResult, String> {
     for p in &parts[1..] {
         m.concurrency += p.concurrency;
         m.complete += p.complete;
-        m.failed = add_failures(&m.failed, &p.failed);
+        m.failed.add(&p.failed);
         m.non_2xx += p.non_2xx;
         m.keep_alive_requests += p.keep_alive_requests;
         m.total_bytes += p.total_bytes;
@@ -79,15 +79,6 @@ pub fn merge(parts: &[BenchResult]) -> Result<BenchResult, String> {
     m.latency_histogram = hgrm::encode(&m.histogram);
     m.server_cpu_us_per_request = None;
     Ok(m)
-}
-
-fn add_failures(a: &Failures, b: &Failures) -> Failures {
-    Failures {
-        connect: a.connect + b.connect,
-        receive: a.receive + b.receive,
-        length: a.length + b.length,
-        exceptions: a.exceptions + b.exceptions,
-    }
 }
 
 fn add_open_loop(mut a: OpenLoop, b: &OpenLoop) -> OpenLoop {

@@ -71,19 +71,21 @@ pub struct Load {
 impl Load {
     /// Counters for `n` backends, all idle, for a balancer choosing by `policy`.
     pub fn for_policy(n: usize, policy: Policy) -> Arc<Load> {
-        let mut load = Load::new(n);
-        Arc::get_mut(&mut load).expect("just made").timed = policy != Policy::RoundRobin;
-        load
+        Load::with_timing(n, policy != Policy::RoundRobin)
     }
 
     /// Counters for `n` backends, all idle, timing the work.
     pub fn new(n: usize) -> Arc<Load> {
+        Load::with_timing(n, true)
+    }
+
+    fn with_timing(n: usize, timed: bool) -> Arc<Load> {
         Arc::new(Load {
             outstanding: (0..n).map(|_| AtomicU32::new(0)).collect(),
             average_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
             updated_ns: (0..n).map(|_| AtomicU64::new(0)).collect(),
             epoch: Instant::now(),
-            timed: true,
+            timed,
         })
     }
 
