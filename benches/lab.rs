@@ -58,6 +58,7 @@ fn main() {
         lab: LabSetup::default(),
         rates: None,
         target_pids: Vec::new(),
+        hosts: None,
     };
     println!(
         "ringlab e2e bench: {requests} requests per cell, median of {repeat}; {}",

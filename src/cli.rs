@@ -39,7 +39,7 @@ pub enum Command {
     /// or open loop at a fixed rate (--rate).
     Bench(BenchArgs),
     /// The whole lab in one command: start the topology, run the matrix, write results/.
-    Sweep(SweepArgs),
+    Sweep(Box<SweepArgs>),
     /// Compare two sweeps cell by cell, each difference judged against the repetitions' noise.
     Diff(DiffArgs),
     /// Combine `bench --format json` results run at once (several clients), percentiles exact.
@@ -47,6 +47,30 @@ pub enum Command {
     /// Network namespaces standing in for hosts: one per role, veth pairs to a bridge,
     /// 198.18.0.0/15 addresses (needs root).
     Netlab(NetlabArgs),
+    /// Print the facts every result records about this host: CPU, cores, kernel, ringlab's
+    /// version and git revision (`sweep --place` asks each host for them).
+    Machine(MachineArgs),
+}
+
+impl Command {
+    /// The `--supervised` flag of a role a sweep can place (off for the others).
+    pub fn supervise(&self) -> Supervise {
+        match self {
+            Command::Backend(a) => a.supervise,
+            Command::Lb(a) => a.supervise,
+            Command::Threaded(a) => a.supervise,
+            Command::Bench(a) => a.supervise,
+            _ => Supervise::default(),
+        }
+    }
+}
+
+/// `ringlab machine`.
+#[derive(Debug, Args)]
+pub struct MachineArgs {
+    /// Output format: text (one fact per line) or json.
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
 }
 
 /// `ringlab netlab`.
@@ -58,6 +82,41 @@ pub struct NetlabArgs {
     /// Name prefix of the namespaces and interfaces (1 to 8 letters or digits).
     #[arg(long, default_value = "rl")]
     pub prefix: String,
+    /// Client namespaces to make (`PREFIX-client`, `PREFIX-client2`, …; 198.18.0.1, then
+    /// .4, .5, …), for several client hosts.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clients_count)]
+    pub clients: usize,
+    /// What each link does to packets.
+    #[command(flatten)]
+    pub links: Links,
+}
+
+/// Link shaping for the namespaces `netlab` (and `sweep --netns`) builds.
+#[derive(Debug, Clone, Default, Args)]
+pub struct Links {
+    /// Shape every link to this rate with tbf (e.g. 1gbit, 100mbit): each role's egress into the
+    /// bridge and the bridge's egress to each role.
+    #[arg(long, value_name = "RATE")]
+    pub rate_limit: Option<String>,
+    /// Add this one-way delay on each link with netem (e.g. 1ms), where the kernel has sch_netem.
+    #[arg(long, value_name = "DURATION")]
+    pub delay: Option<String>,
+    /// Drop this share of packets on each link with netem (e.g. 0.1%), where the kernel has
+    /// sch_netem.
+    #[arg(long, value_name = "PERCENT")]
+    pub loss: Option<String>,
+}
+
+/// Parses a client-namespace count: 1 to [`crate::lab::netlab::MAX_CLIENTS`].
+fn clients_count(s: &str) -> Result<usize, String> {
+    let n = usize_at_least::<1>(s)?;
+    if n > crate::lab::netlab::MAX_CLIENTS {
+        return Err(format!(
+            "at most {} client namespaces",
+            crate::lab::netlab::MAX_CLIENTS
+        ));
+    }
+    Ok(n)
 }
 
 /// What `ringlab netlab` does.
@@ -105,6 +164,17 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
     }
 }
 
+/// How a role runs under `ringlab sweep --place`, on this host or another: the sweep holds the
+/// role's standard input open for as long as it wants the role, so a sweep that ends in any way —
+/// finished, failed, interrupted, killed, its ssh connection lost — stops every role it started.
+#[derive(Debug, Clone, Copy, Default, Args)]
+pub struct Supervise {
+    /// Run under a supervisor (what `sweep --place` starts roles with): print `ringlab ready:
+    /// ADDR…` once listening, and stop gracefully, as on SIGTERM, when standard input closes.
+    #[arg(long)]
+    pub supervised: bool,
+}
+
 /// `ringlab backend`.
 #[derive(Debug, Args)]
 pub struct BackendArgs {
@@ -133,6 +203,9 @@ pub struct BackendArgs {
     /// Request-head options shared with `threaded`.
     #[command(flatten)]
     pub http: HttpArgs,
+    /// Under `sweep --place`.
+    #[command(flatten)]
+    pub supervise: Supervise,
 }
 
 /// Parses `DELAY` or `PORT=DELAY`.
@@ -263,6 +336,9 @@ pub struct LbArgs {
     /// wait in the kernel's backlog [default: what the descriptor limit allows, at most 10000].
     #[arg(long, value_name = "N", value_parser = usize_at_least::<1>)]
     pub max_conns: Option<usize>,
+    /// Under `sweep --place`.
+    #[command(flatten)]
+    pub supervise: Supervise,
 }
 
 /// `ringlab threaded`.
@@ -274,6 +350,9 @@ pub struct ThreadedArgs {
     /// Request-head options shared with `backend`.
     #[command(flatten)]
     pub http: HttpArgs,
+    /// Under `sweep --place`.
+    #[command(flatten)]
+    pub supervise: Supervise,
 }
 
 /// `ringlab bench`.
@@ -351,6 +430,14 @@ pub struct BenchArgs {
     /// Output format.
     #[arg(long, value_enum, default_value_t = Format::Text)]
     pub format: Format,
+    /// Start at this wall-clock time, in milliseconds since the Unix epoch, so clients on
+    /// several hosts start together (`sweep --place client=A,B` hands one out); the hosts'
+    /// clocks must agree (NTP).
+    #[arg(long, value_name = "UNIX_MS")]
+    pub start_at: Option<u64>,
+    /// Under `sweep --place`.
+    #[command(flatten)]
+    pub supervise: Supervise,
 }
 
 /// `ringlab sweep`.
@@ -468,6 +555,33 @@ pub struct SweepArgs {
         default_value = "uring"
     )]
     pub io: Vec<IoMode>,
+    /// Run a role on other hosts, each its own process: backends=HOST[,HOST…] (the four
+    /// backends spread over them; the direct and threaded servers on the first),
+    /// lb=HOST, client=HOST[,HOST…] (each client runs its share of -c and --rate, all starting
+    /// together, their histograms merged exactly). HOST is local[/IP], netns:NAME[/IP] (`ip netns
+    /// exec NAME`) or ssh:[USER@]HOST[/IP] (OpenSSH in batch mode); /IP is the address the
+    /// other roles reach it at [default: 127.0.0.1, the namespace's address, the ssh host's].
+    /// Roles not placed run locally.
+    #[arg(long = "place", value_name = "ROLE=HOST[,HOST…]", value_parser = crate::lab::hosts::parse_place)]
+    pub place: Vec<(crate::lab::hosts::Role, Vec<crate::lab::hosts::Host>)>,
+    /// The ringlab binary on ssh hosts.
+    #[arg(long, value_name = "PATH", default_value = "ringlab")]
+    pub remote_bin: String,
+    /// Build network namespaces for the roles (as `ringlab netlab up` does: one per role, veth
+    /// pairs to a bridge, 198.18.0.0/15), run the lab in them, and remove exactly what was made;
+    /// needs root.
+    #[arg(long, conflicts_with = "place")]
+    pub netns: bool,
+    /// With --netns: client namespaces, each running its share of the load.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clients_count, requires = "netns")]
+    pub clients: usize,
+    /// With --netns: what each link does to packets.
+    #[command(flatten)]
+    pub links: Links,
+    /// Let the kernel choose every server's port instead of the lab's 9002-9005, 44444, 44480,
+    /// 45000 and 46000 (to run beside a lab that holds them).
+    #[arg(long)]
+    pub free_ports: bool,
 }
 
 /// Parses a whole number that must be at least `MIN`; clap reports a refusal as a usage error

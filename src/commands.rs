@@ -14,8 +14,10 @@ use crate::io::shutdown::{self, Shutdown};
 use crate::lab::client::{self, BenchConfig, RequestSpec, Target};
 use crate::lab::diff;
 use crate::lab::hgrm;
+use crate::lab::hosts::{Host, Reach};
 use crate::lab::merge;
 use crate::lab::netlab;
+use crate::lab::placed::HostPlan;
 use crate::lab::report;
 use crate::lab::results;
 use crate::lab::sweep::{self, RatePlan, SweepConfig};
@@ -30,21 +32,27 @@ pub fn run(command: Command) -> io::Result<()> {
     limits::raise_nofile();
     let shutdown = Shutdown::new();
     shutdown::trip_on_signals(&shutdown)?;
+    if command.supervise().supervised {
+        SUPERVISED.store(true, std::sync::atomic::Ordering::Relaxed);
+        shutdown::trip_on_stdin_eof(&shutdown)?;
+    }
     match command {
         Command::Backend(args) => run_backend(args, shutdown),
         Command::Lb(args) => run_lb(args, shutdown),
         Command::Threaded(args) => run_threaded(args, shutdown),
         Command::Bench(args) => run_bench(args, shutdown),
-        Command::Sweep(args) => run_sweep(args, shutdown),
+        Command::Sweep(args) => run_sweep(*args, shutdown),
         Command::Diff(args) => run_diff(args),
         Command::Netlab(args) => match args.action {
             cli::NetlabAction::Up => {
-                netlab::up(&args.prefix)?;
-                for (role, addr) in netlab::ROLES {
+                let note = netlab::up(&args.prefix, args.clients, &shaping(&args.links))?;
+                if let Some(note) = note {
+                    eprintln!("ringlab netlab: {note}");
+                }
+                for (role, addr) in netlab::roles(args.clients) {
                     println!(
-                        "ringlab netlab: {} = {addr} (ip netns exec {} …)",
-                        role,
-                        netlab::namespace(&args.prefix, role)
+                        "ringlab netlab: {role} = {addr} (ip netns exec {} …)",
+                        netlab::namespace(&args.prefix, &role)
                     );
                 }
                 Ok(())
@@ -62,6 +70,17 @@ pub fn run(command: Command) -> io::Result<()> {
                 Ok(())
             }
         },
+        Command::Machine(args) => {
+            let m = crate::lab::machine::Machine::probe();
+            match args.format {
+                report::Format::Json => println!(
+                    "{}",
+                    serde_json::to_string_pretty(&m).map_err(io::Error::other)?
+                ),
+                _ => print!("{}", m.describe()),
+            }
+            Ok(())
+        }
         Command::Merge(args) => {
             let parts = args
                 .files
@@ -72,6 +91,28 @@ pub fn run(command: Command) -> io::Result<()> {
             print!("{}", report::render(&merged, args.format));
             Ok(())
         }
+    }
+}
+
+/// Set under `--supervised`: the servers then print a `ringlab ready:` line for the sweep.
+static SUPERVISED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Tells a supervising sweep where a server listens, once it does: one line, `ringlab ready:`
+/// and the addresses, after the human-readable start-up line.
+fn announce_ready(addrs: &[std::net::SocketAddr]) {
+    if SUPERVISED.load(std::sync::atomic::Ordering::Relaxed) {
+        let list: Vec<String> = addrs.iter().map(ToString::to_string).collect();
+        println!("ringlab ready: {}", list.join(" "));
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    }
+}
+
+/// The netlab link shaping from its flags.
+fn shaping(links: &cli::Links) -> netlab::Shaping {
+    netlab::Shaping {
+        rate: links.rate_limit.clone(),
+        delay: links.delay.clone(),
+        loss: links.loss.clone(),
     }
 }
 
@@ -148,6 +189,9 @@ fn run_bench(args: BenchArgs, shutdown: Shutdown) -> io::Result<()> {
     // Standalone, the client takes every CPU it may use, as wrk does; the sweep keeps its own
     // measured placement.
     let cpus = args.cpus.map_or_else(placement::allowed_cpus, |l| l.0);
+    if let Some(at) = args.start_at {
+        wait_until(at, &shutdown);
+    }
     let result = client::run(BenchConfig {
         target,
         request,
@@ -262,6 +306,7 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
             ..LabSetup::default()
         },
         target_pids: args.target_pids.clone(),
+        hosts: None,
         rates: args.rates.clone().map(|rates| RatePlan {
             rates,
             duration: args.duration,
@@ -277,7 +322,37 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
             (false, true) => "lab-k".into(),
             (false, false) => "lab".into(),
         });
+    let mut config = config;
+    if args.free_ports {
+        config.ports = Ports::ephemeral();
+    }
+    if !args.place.is_empty() {
+        let mut plan = HostPlan::local();
+        plan.remote_bin = args.remote_bin.clone();
+        for (role, hosts) in &args.place {
+            plan.place(*role, hosts.clone());
+        }
+        config.hosts = Some(plan);
+    } else if args.netns {
+        // Checked before the namespaces are built; built before the results folder is made.
+        config.hosts = Some(HostPlan::local());
+    } else if args.links.rate_limit.is_some()
+        || args.links.delay.is_some()
+        || args.links.loss.is_some()
+    {
+        return Err(cli::usage(
+            "--rate-limit, --delay and --loss shape the links of --netns; add --netns",
+        ));
+    }
     sweep::validate(&config)?;
+    // The namespaces live exactly as long as this guard: removed when the sweep ends, however.
+    let _netns = if args.netns {
+        let lab = NetnsLab::up(args.clients, &shaping(&args.links))?;
+        config.hosts = Some(lab.plan(&args.remote_bin));
+        Some(lab)
+    } else {
+        None
+    };
     let mut folder = ResultsFolder {
         dir: args.out.join(results::folder_name(&label)),
         failed: None,
@@ -321,6 +396,68 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
     }
 }
 
+/// The namespaces `sweep --netns` built, removed when this is dropped.
+struct NetnsLab {
+    prefix: String,
+    clients: usize,
+    shaping: netlab::Shaping,
+}
+
+impl NetnsLab {
+    /// Builds the namespaces under a prefix of this process's own, so two sweeps never share
+    /// (or remove) each other's.
+    fn up(clients: usize, shaping: &netlab::Shaping) -> io::Result<NetnsLab> {
+        let prefix = format!("rl{}", std::process::id() % 100_000);
+        if let Some(note) = netlab::up(&prefix, clients, shaping)? {
+            eprintln!("ringlab sweep: {note}");
+        }
+        eprintln!(
+            "ringlab sweep: built network namespaces {prefix}-{{client,lb,backends}}{} and their bridge",
+            if clients > 1 { " and more clients" } else { "" }
+        );
+        Ok(NetnsLab {
+            prefix,
+            clients,
+            shaping: shaping.clone(),
+        })
+    }
+
+    /// The hosts: one namespace per role, at its netlab address.
+    fn plan(&self, remote_bin: &str) -> HostPlan {
+        let host = |role: &str, addr: std::net::Ipv4Addr| Host {
+            reach: Reach::Netns(netlab::namespace(&self.prefix, role)),
+            addr: Some(addr.into()),
+        };
+        let (_, lb) = netlab::ROLES[1];
+        let (_, backends) = netlab::ROLES[2];
+        HostPlan {
+            backends: vec![host("backends", backends)],
+            lb: host("lb", lb),
+            clients: (1..=self.clients)
+                .map(|k| host(&netlab::client_role(k), netlab::client_address(k)))
+                .collect(),
+            remote_bin: remote_bin.to_string(),
+            origin: Some(format!(
+                "each role in its own network namespace, built by this sweep and removed after it (prefix {}: clients from 198.18.0.1, lb 198.18.0.2, backends 198.18.0.3; veth pairs to a bridge; links {})",
+                self.prefix,
+                self.shaping.describe()
+            )),
+        }
+    }
+}
+
+impl Drop for NetnsLab {
+    fn drop(&mut self) {
+        match netlab::down(&self.prefix) {
+            Ok(removed) => eprintln!("ringlab sweep: removed {}", removed.join(", ")),
+            Err(e) => eprintln!(
+                "ringlab sweep: removing the namespaces failed ({e}); run `ringlab netlab down --prefix {}`",
+                self.prefix
+            ),
+        }
+    }
+}
+
 /// The sweep's results folder, made before the first cell and kept up to date after each one.
 struct ResultsFolder {
     dir: std::path::PathBuf,
@@ -357,6 +494,20 @@ fn http_config(args: &HttpArgs, io: IoMode) -> BackendConfig {
     }
 }
 
+/// Sleeps until the wall clock reads `unix_ms` (or a stop is asked for); a time already past
+/// starts at once.
+fn wait_until(unix_ms: u64, stop: &Shutdown) {
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_millis(unix_ms);
+    while !stop.is_triggered() {
+        match at.duration_since(std::time::SystemTime::now()) {
+            Ok(left) if !left.is_zero() => {
+                std::thread::sleep(left.min(std::time::Duration::from_millis(50)))
+            }
+            _ => break,
+        }
+    }
+}
+
 fn run_backend(args: BackendArgs, shutdown: Shutdown) -> io::Result<()> {
     let cpu = args.cpu.unwrap_or_else(|| placement::default_cpu(0));
     let listeners = args
@@ -364,10 +515,11 @@ fn run_backend(args: BackendArgs, shutdown: Shutdown) -> io::Result<()> {
         .iter()
         .map(|&addr| listen::bind_one(addr))
         .collect::<io::Result<Vec<_>>>()?;
-    let addrs = listeners
+    let bound = listeners
         .iter()
-        .map(|l| l.local_addr().map(|a| a.to_string()))
+        .map(|l| l.local_addr())
         .collect::<io::Result<Vec<_>>>()?;
+    let addrs: Vec<String> = bound.iter().map(ToString::to_string).collect();
     let config = BackendConfig {
         delay: args.delay.unwrap_or_default(),
         delay_on: args.delay_on.clone(),
@@ -387,6 +539,7 @@ fn run_backend(args: BackendArgs, shutdown: Shutdown) -> io::Result<()> {
         addrs.join(", "),
         executor.driver
     );
+    announce_ready(&bound);
     let stats = executor.join()??;
     print_listener_stats("backend", &stats);
     Ok(())
@@ -398,6 +551,7 @@ fn run_threaded(args: ThreadedArgs, shutdown: Shutdown) -> io::Result<()> {
         "ringlab threaded: serving {} with one OS thread per connection (unpinned); Ctrl-C to stop",
         listener.local_addr()?
     );
+    announce_ready(&[listener.local_addr()?]);
     let stats = threaded::serve(
         listener,
         http_config(&args.http, IoMode::default()),
@@ -483,6 +637,7 @@ fn run_lb(args: LbArgs, shutdown: Shutdown) -> io::Result<()> {
             "off"
         }
     );
+    announce_ready(&[local]);
     let mut reports = Vec::new();
     for ex in executors {
         reports.push(ex.join()??);

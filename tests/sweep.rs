@@ -27,6 +27,7 @@ fn small(targets: Vec<ringlab::lab::topology::NamedTarget>) -> SweepConfig {
         lab: ringlab::lab::topology::LabSetup::default(),
         rates: None,
         target_pids: Vec::new(),
+        hosts: None,
     }
 }
 

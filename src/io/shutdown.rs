@@ -7,7 +7,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
-use std::io;
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::pin::Pin;
@@ -232,16 +232,44 @@ pub fn trip_on_signals(shutdown: &Shutdown) -> io::Result<()> {
                     continue;
                 }
                 seen += 1;
+                // Printing cannot fail this thread: a closed stderr (its reader gone) must not
+                // keep the switch from tripping.
                 if seen == 1 {
-                    eprintln!(
+                    shutdown.trigger();
+                    let _ = writeln!(
+                        io::stderr(),
                         "ringlab: {} received, draining (send it again to stop at once)",
                         signal_name(sig)
                     );
-                    shutdown.trigger();
                 } else {
-                    eprintln!("ringlab: second signal, exiting now");
+                    let _ = writeln!(io::stderr(), "ringlab: second signal, exiting now");
                     std::process::exit(130);
                 }
+            }
+        })?;
+    Ok(())
+}
+
+/// Trips `shutdown` when standard input reaches end-of-file: a supervisor (`sweep --place`, on
+/// this host or over ssh) holds it open while it wants this process, so however the supervisor
+/// ends — even killed, or its ssh connection lost — this process stops gracefully.
+pub fn trip_on_stdin_eof(shutdown: &Shutdown) -> io::Result<()> {
+    let shutdown = shutdown.clone();
+    std::thread::Builder::new()
+        .name("ringlab-stdin".into())
+        .spawn(move || {
+            let mut sink = [0u8; 256];
+            let mut stdin = io::stdin().lock();
+            // Whatever arrives is ignored; only the end (or a broken pipe) matters.
+            while matches!(io::Read::read(&mut stdin, &mut sink), Ok(n) if n > 0) {}
+            if !shutdown.is_triggered() {
+                // Tripped before anything is printed: a supervisor that died took the other
+                // ends of our output pipes with it, and that write fails.
+                shutdown.trigger();
+                let _ = writeln!(
+                    io::stderr(),
+                    "ringlab: standard input closed by the supervisor, draining"
+                );
             }
         })?;
     Ok(())

@@ -240,6 +240,40 @@ pub struct BenchResult {
     /// measure it (the lab it started in-process: every thread of the process but the
     /// client's, so through the balancer the balancer and its backends together).
     pub server_cpu_us_per_request: Option<f64>,
+    /// With clients on several hosts (`sweep --place client=A,B`): each client's part, this
+    /// result being their exact merge.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub clients: Vec<ClientShare>,
+}
+
+/// One client host's part of a run measured from several.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClientShare {
+    /// The host, as placed (`netns:rl-client2`).
+    pub host: String,
+    /// Its share of the concurrency.
+    pub concurrency: usize,
+    /// Its offered rate, in an open loop.
+    pub offered_rate: Option<f64>,
+    /// Requests it completed.
+    pub complete: u64,
+    /// Requests that failed.
+    pub failed: u64,
+    /// How long it ran.
+    pub elapsed_secs: f64,
+    /// Its latency histogram (HdrHistogram V2, deflated, base64), so the merge can be checked.
+    pub latency_histogram: String,
+}
+
+impl ClientShare {
+    /// Completed requests per second.
+    pub fn requests_per_sec(&self) -> f64 {
+        if self.elapsed_secs > 0.0 {
+            self.complete as f64 / self.elapsed_secs
+        } else {
+            0.0
+        }
+    }
 }
 
 impl BenchResult {
@@ -609,6 +643,7 @@ fn build_result(
         interrupted: false,
         client_cpu_secs: tally.cpu_secs,
         server_cpu_us_per_request: None,
+        clients: Vec::new(),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Facts about the machine and build that every committed result records: CPU model, cores,
 //! kernel, ringlab version, git revision, the time and the command line.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// ringlab's git revision (`git describe --always --dirty`), embedded by `build.rs`; it says so
 /// when the binary was built outside a git checkout.
@@ -16,7 +16,7 @@ pub const VERSION: &str = concat!(
 );
 
 /// Where and with what a measurement was made.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     /// CPU model name from `/proc/cpuinfo`.
     pub cpu_model: String,
@@ -62,6 +62,22 @@ impl Machine {
             started_utc: utc_now_rfc3339(),
             command: std::env::args().collect::<Vec<_>>().join(" "),
         }
+    }
+}
+
+impl Machine {
+    /// The facts, one per line (`ringlab machine`).
+    pub fn describe(&self) -> String {
+        format!(
+            "CPU: {}\nCPUs online: {} (this process may use {})\nKernel: {}\nHost: {}\nringlab: {} (git {})\n",
+            self.cpu_model,
+            self.cpus_online,
+            self.cpus_allowed,
+            self.kernel,
+            self.hostname,
+            self.ringlab_version,
+            self.git_revision
+        )
     }
 }
 

@@ -42,6 +42,15 @@ pub fn write(sweep: &Sweep, dir: &Path) -> io::Result<PathBuf> {
         )
     };
     write_json(sweep, dir)?;
+    for r in &sweep.roles {
+        let name = role_log(r);
+        let path = dir.join(&name);
+        if let Some(parent) = path.parent() {
+            create(parent)?;
+        }
+        let text = format!("$ {}\n{}({})\n", r.command, r.output, r.ended);
+        std::fs::write(&path, text).map_err(|e| named(&name, e))?;
+    }
     if sweep.rates.is_some() {
         for (name, text) in curves::files(sweep) {
             let path = dir.join(&name);
@@ -196,7 +205,13 @@ pub(crate) fn header(o: &mut String, s: &Sweep, matrix: &str) {
     let _ = writeln!(
         o,
         "| Placement | {} |",
-        crate::lab::sweep::describe_placement(s.started_lab, &s.placement, s.note.as_deref())
+        s.placed
+            .clone()
+            .unwrap_or_else(|| crate::lab::sweep::describe_placement(
+                s.started_lab,
+                &s.placement,
+                s.note.as_deref()
+            ))
     );
     let _ = writeln!(
         o,
@@ -207,7 +222,9 @@ pub(crate) fn header(o: &mut String, s: &Sweep, matrix: &str) {
     let _ = writeln!(
         o,
         "| Topology | {} |",
-        if s.started_lab {
+        if s.placed.is_some() {
+            "started by the sweep, each role a process of its own on its host (below)"
+        } else if s.started_lab {
             "started in-process by the sweep"
         } else {
             "given with --target (started elsewhere)"
@@ -215,6 +232,63 @@ pub(crate) fn header(o: &mut String, s: &Sweep, matrix: &str) {
     );
     let _ = writeln!(o, "| Matrix | {matrix} |");
     let _ = writeln!(o, "| Command | `{}` |\n", m.command);
+    hosts(o, s);
+}
+
+/// The hosts of a lab placed on several (each one's own facts) and the roles' stop reports.
+fn hosts(o: &mut String, s: &Sweep) {
+    if s.hosts.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "## Hosts
+"
+    );
+    let _ = writeln!(
+        o,
+        "| Host | Roles | Address | CPU | CPUs | Kernel | ringlab |\n| --- | --- | --- | --- | ---: | --- | --- |"
+    );
+    for h in &s.hosts {
+        let roles: Vec<String> = h.roles.iter().map(ToString::to_string).collect();
+        let m = &h.machine;
+        let _ = writeln!(
+            o,
+            "| `{}` | {} | {} | {} | {} | {} | {} (git {}) |",
+            h.host,
+            roles.join(", "),
+            h.address,
+            m.cpu_model,
+            m.cpus_online,
+            m.kernel,
+            m.ringlab_version,
+            m.git_revision
+        );
+    }
+    if !s.roles.is_empty() {
+        let files: Vec<String> = s
+            .roles
+            .iter()
+            .map(|r| format!("[{}]({})", r.name, role_log(r)))
+            .collect();
+        let _ = writeln!(
+            o,
+            "\nWhat each role printed, its counters last (stopped by closing its standard input): \
+             {}.",
+            files.join(", ")
+        );
+    }
+    o.push('\n');
+}
+
+/// The file a role's output goes to, inside the results folder.
+pub fn role_log(r: &crate::lab::placed::RoleReport) -> String {
+    let host: String = r
+        .host
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+        .collect();
+    format!("roles/{}-{host}.log", r.name)
 }
 
 /// The part of `README.md` after the header, for a closed-loop sweep.
@@ -265,6 +339,7 @@ fn closed_loop_body(o: &mut String, s: &Sweep) {
             }
         }
         backend_spread(o, s, &t.name);
+        client_shares(o, s, &t.name);
         o.push('\n');
     }
     let _ = writeln!(
@@ -382,6 +457,52 @@ fn drivers_side_by_side(o: &mut String, s: &Sweep) {
         let _ = writeln!(o, "{row}");
     }
     o.push('\n');
+}
+
+/// With clients on several hosts: what each carried in the median run.
+fn client_shares(o: &mut String, s: &Sweep, target: &str) {
+    let cells: Vec<_> = s
+        .concurrency
+        .iter()
+        .filter_map(|&c| s.cell(target, c))
+        .filter(|cell| !cell.median_run().clients.is_empty())
+        .collect();
+    if cells.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        o,
+        "\nEach client host's part of the median run (they started together; the tables above \
+         merge their histograms exactly):\n"
+    );
+    let _ = writeln!(
+        o,
+        "| Concurrency | client host: concurrency, complete, req/s, p99 µs | farthest from its share of req/s (its share of -c) |\n| ---: | --- | ---: |"
+    );
+    for cell in cells {
+        let parts = &cell.median_run().clients;
+        let text: Vec<String> = parts
+            .iter()
+            .map(|p| {
+                let p99 = crate::lab::hgrm::decode(&p.latency_histogram)
+                    .map_or(0, |h| h.value_at_quantile(0.99));
+                format!(
+                    "`{}`: c={}, {}, {:.0}, {p99}",
+                    p.host,
+                    p.concurrency,
+                    p.complete,
+                    p.requests_per_sec()
+                )
+            })
+            .collect();
+        let _ = writeln!(
+            o,
+            "| {} | {} | {:+.1}% |",
+            cell.concurrency,
+            text.join("; "),
+            100.0 * crate::lab::placed::share_deviation(parts)
+        );
+    }
 }
 
 fn backend_spread(o: &mut String, s: &Sweep, target: &str) {

@@ -14,6 +14,7 @@ use crate::io::shutdown::Shutdown;
 use crate::lab::client::{self, BenchConfig, BenchResult, RequestSpec, Target};
 use crate::lab::machine::Machine;
 use crate::lab::pacer::Arrival;
+use crate::lab::placed::{ClientCell, HostFacts, HostPlan, PlacedLab, RoleReport};
 use crate::lab::topology::{Lab, LabSetup, NamedTarget, Placement, Ports};
 
 /// What a sweep runs.
@@ -55,6 +56,9 @@ pub struct SweepConfig {
     /// For targets started elsewhere: the processes serving each (`--target-pid`), whose CPU
     /// time per request each cell records.
     pub target_pids: Vec<(String, Vec<u32>)>,
+    /// Run the lab as separate processes on these hosts (`--place`, `--netns`) instead of
+    /// in-process.
+    pub hosts: Option<HostPlan>,
 }
 
 /// Which offered rates an open-loop sweep measures.
@@ -182,6 +186,16 @@ pub struct Sweep {
     pub drivers: Vec<String>,
     /// The open-loop plan, for a sweep over offered rates.
     pub rates: Option<RatePlan>,
+    /// With the lab on hosts: where each role ran, in one line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub placed: Option<String>,
+    /// With the lab on hosts: each host's own facts.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostFacts>,
+    /// With the lab on hosts: what each role printed, its counters last (filled when it
+    /// stopped).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<RoleReport>,
 }
 
 impl Sweep {
@@ -277,6 +291,11 @@ pub fn validate(config: &SweepConfig) -> io::Result<()> {
             "a sweep needs at least one concurrency level, one repetition and one request",
         ));
     }
+    if config.hosts.is_some() && (config.io.len() > 1 || !config.targets.is_empty()) {
+        return Err(crate::cli::usage(
+            "--place and --netns start one lab on one socket driver: give one --io and no --target",
+        ));
+    }
     if let Some(plan) = &config.rates {
         let bad = match &plan.rates {
             Rates::List(list) => list.is_empty() || !list.iter().all(|r| r.is_finite() && *r > 0.0),
@@ -332,7 +351,20 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
     validate(config)?;
     let machine = Machine::probe();
     let mut labs = Vec::new();
-    if config.targets.is_empty() {
+    let placed = match &config.hosts {
+        Some(plan) => Some(PlacedLab::start(
+            plan,
+            &config.ports,
+            &config.placement,
+            &LabSetup {
+                io: config.io[0],
+                ..config.lab.clone()
+            },
+            &config.stop,
+        )?),
+        None => None,
+    };
+    if config.targets.is_empty() && placed.is_none() {
         for (i, &io) in config.io.iter().enumerate() {
             let ports = if i == 0 {
                 config.ports.clone()
@@ -353,19 +385,23 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
             })?);
         }
     }
-    let targets = if labs.is_empty() {
-        config.targets.clone()
-    } else {
-        interleave(&labs, &config.placement)
+    let targets = match &placed {
+        Some(p) => p.targets(),
+        None if labs.is_empty() => config.targets.clone(),
+        None => interleave(&labs, &config.placement),
     };
-    let drivers = driver_descriptions(&labs, config.io[0])?;
+    let drivers = match &placed {
+        Some(p) => vec![format!("{}: {}", config.io[0], p.driver)],
+        None => driver_descriptions(&labs, config.io[0])?,
+    };
+    let placed_text = placed.as_ref().map(|p| p.describe(&config.placement));
     eprintln!(
         "ringlab sweep: placement: {}",
-        describe_placement(
+        placed_text.clone().unwrap_or_else(|| describe_placement(
             config.targets.is_empty(),
             &config.placement,
             config.note.as_deref()
-        )
+        ))
     );
     for t in &targets {
         eprintln!(
@@ -394,6 +430,9 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
         io: config.io.clone(),
         drivers,
         rates: config.rates.clone(),
+        placed: placed_text,
+        hosts: placed.as_ref().map(|p| p.hosts.clone()).unwrap_or_default(),
+        roles: Vec::new(),
     };
     record.started(&sweep)?;
     let progress = Progress::new(planned);
@@ -401,28 +440,47 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
     let bench = |target: &NamedTarget, requests: u64, concurrency: usize, rate: Option<f64>| {
         let plan = config.rates.as_ref();
         let cpu_before = crate::io::placement::process_cpu();
-        let pids = config
-            .target_pids
-            .iter()
-            .find(|(name, _)| *name == target.name)
-            .map(|(_, pids)| pids.as_slice());
+        let placed_pids = placed.as_ref().map(|p| p.pids(&target.name));
+        let pids = match &placed_pids {
+            Some(pids) => Some(pids.as_slice()).filter(|p| !p.is_empty()),
+            None => config
+                .target_pids
+                .iter()
+                .find(|(name, _)| *name == target.name)
+                .map(|(_, pids)| pids.as_slice()),
+        };
         let pids_before = pids.map(processes_cpu);
-        let measured = client::run(BenchConfig {
-            target: Target::from_addr(target.addr),
-            request: RequestSpec::default(),
-            rate,
-            arrival: plan.map_or(Arrival::Fixed, |p| p.arrival),
-            requests,
-            concurrency,
-            keep_alive: config.keep_alive,
-            // An open-loop cell sends for its duration; past the knee the backlog it could not
-            // send is dropped (as wrk2 does), so an overloaded cell still ends on time.
-            time_limit: rate.and(plan.map(|p| p.duration)),
-            timeout: config.timeout,
-            cpus: target.client_cpus.iter().copied().map(Some).collect(),
-            io: config.io[0],
-            stop: Some(config.stop.clone()),
-        });
+        let measured = match &placed {
+            Some(p) => p.bench(
+                target,
+                ClientCell {
+                    requests,
+                    concurrency,
+                    rate,
+                    arrival: plan.map_or(Arrival::Fixed, |p| p.arrival),
+                    time_limit: rate.and(plan.map(|p| p.duration)),
+                    keep_alive: config.keep_alive,
+                    timeout: config.timeout,
+                },
+                &config.stop,
+            ),
+            None => client::run(BenchConfig {
+                target: Target::from_addr(target.addr),
+                request: RequestSpec::default(),
+                rate,
+                arrival: plan.map_or(Arrival::Fixed, |p| p.arrival),
+                requests,
+                concurrency,
+                keep_alive: config.keep_alive,
+                // An open-loop cell sends for its duration; past the knee the backlog it could not
+                // send is dropped (as wrk2 does), so an overloaded cell still ends on time.
+                time_limit: rate.and(plan.map(|p| p.duration)),
+                timeout: config.timeout,
+                cpus: target.client_cpus.iter().copied().map(Some).collect(),
+                io: config.io[0],
+                stop: Some(config.stop.clone()),
+            }),
+        };
         let cpu = (crate::io::placement::process_cpu() - cpu_before).as_secs_f64();
         measured
             .map(|mut r| {
@@ -449,6 +507,15 @@ pub fn run_recording(config: &SweepConfig, record: &mut dyn Record) -> io::Resul
     progress.finish();
     for lab in labs {
         lab.stop();
+    }
+    if let Some(p) = placed {
+        sweep.roles = p.stop();
+        for r in &sweep.roles {
+            eprintln!(
+                "ringlab sweep: stopped {} on {}: {}",
+                r.name, r.host, r.ended
+            );
+        }
     }
     Ok(sweep)
 }
