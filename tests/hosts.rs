@@ -352,3 +352,30 @@ fn an_interrupted_placed_sweep_stops_every_role_and_keeps_what_it_measured() {
     let pids = recorded_pids(dir.path());
     assert!(pids.iter().all(|&p| !alive(p)), "left running: {pids:?}");
 }
+
+#[test]
+fn placement_flags_that_do_not_fit_are_usage_errors() {
+    for args in [
+        &["sweep", "--rate-limit", "1gbit"][..],
+        &["sweep", "--place", "db=local"],
+        &["sweep", "--place", "lb=ssh:-oProxyCommand=x"],
+        &["sweep", "--netns", "--place", "lb=local"],
+        &["sweep", "--place", "lb=local", "--io", "uring,epoll"],
+        &["sweep", "--place", "lb=local", "--target", "x=127.0.0.1:1"],
+        &["sweep", "--clients", "2"],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(BIN)
+            .args(args)
+            .arg("--out")
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "{args:?}"
+        );
+    }
+}

@@ -134,3 +134,80 @@ fn the_lab_runs_through_namespaces_and_leaves_nothing_behind() {
     let again = netlab("down", &prefix);
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing"));
 }
+
+#[test]
+fn links_are_shaped_with_tbf_and_netem_is_named_where_it_is_missing() {
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let prefix = format!("s{}", std::process::id() % 1_000_000);
+    let up = Command::new(BIN)
+        .args(["netlab", "up", "--prefix", &prefix, "--clients", "2"])
+        .args(["--rate-limit", "200mbit"])
+        .output()
+        .unwrap();
+    let _guard = Down(prefix.clone());
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    assert!(String::from_utf8_lossy(&up.stdout).contains("client2 = 198.18.0.4"));
+    for role in ["client", "client2", "lb", "backends"] {
+        let q = Command::new("tc")
+            .args([
+                "-n",
+                &format!("{prefix}-{role}"),
+                "qdisc",
+                "show",
+                "dev",
+                "eth0",
+            ])
+            .output()
+            .unwrap();
+        let q = String::from_utf8_lossy(&q.stdout);
+        assert!(q.contains("tbf") && q.contains("200Mbit"), "{role}: {q}");
+    }
+    let no_netem = String::from_utf8_lossy(&up.stderr).contains("no sch_netem");
+    assert!(netlab("down", &prefix).status.success());
+
+    // Delay needs netem: applied where the kernel has it, refused in one line where not.
+    let delayed = Command::new(BIN)
+        .args(["netlab", "up", "--prefix", &prefix, "--delay", "1ms"])
+        .output()
+        .unwrap();
+    if no_netem {
+        assert_eq!(delayed.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&delayed.stderr);
+        assert!(
+            err.contains("no sch_netem") && err.contains("--rate-limit"),
+            "{err}"
+        );
+        assert!(!netlab_namespaces().contains(&format!("{prefix}-")));
+    } else {
+        assert!(delayed.status.success());
+        let q = Command::new("tc")
+            .args([
+                "-n",
+                &format!("{prefix}-lb"),
+                "qdisc",
+                "show",
+                "dev",
+                "eth0",
+            ])
+            .output()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&q.stdout).contains("netem"));
+    }
+}
+
+fn netlab_namespaces() -> String {
+    String::from_utf8_lossy(
+        &Command::new("ip")
+            .args(["netns", "list"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .into_owned()
+}
