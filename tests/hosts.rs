@@ -379,3 +379,60 @@ fn placement_flags_that_do_not_fit_are_usage_errors() {
         );
     }
 }
+
+#[test]
+fn an_open_loop_shares_its_rate_among_client_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "sweep",
+            "--place",
+            "client=local,local",
+            "--free-ports",
+            "--mode",
+            "tcp",
+            "--policy",
+            "least-conn",
+            "--rates",
+            "1k",
+            "--duration",
+            "500ms",
+            "--arrival",
+            "poisson",
+            "-c",
+            "8",
+            "--repeat",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+        ])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let s = sweep_json(dir.path());
+    let cells = s["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 3, "lb, direct, threaded");
+    for cell in cells {
+        let r = &cell["runs"][0];
+        assert_eq!(r["open_loop"]["offered_rate"], 1000.0, "{}", cell["target"]);
+        let parts = r["clients"].as_array().unwrap();
+        assert_eq!(parts.len(), 2);
+        for p in parts {
+            assert_eq!(p["offered_rate"], 500.0);
+            assert_eq!(p["concurrency"], 4);
+        }
+        assert_eq!(
+            r["complete"].as_u64().unwrap(),
+            parts
+                .iter()
+                .map(|p| p["complete"].as_u64().unwrap())
+                .sum::<u64>()
+        );
+    }
+}

@@ -432,7 +432,7 @@ impl PlacedLab {
         setup: &LabSetup,
         stop: &Shutdown,
     ) -> io::Result<()> {
-        let io = self.io.to_string();
+        let io = flag(&self.io);
         let common = |role: &str| {
             vec![
                 role.to_string(),
@@ -532,9 +532,9 @@ impl PlacedLab {
                     "--listen".into(),
                     SocketAddr::new(lb_ip, port).to_string(),
                     "--mode".into(),
-                    mode.to_string(),
+                    flag(&mode),
                     "--policy".into(),
-                    policy.to_string(),
+                    flag(policy),
                 ]);
                 for b in &backends {
                     args.extend(["--backend".into(), b.to_string()]);
@@ -701,7 +701,7 @@ impl PlacedLab {
                 "-s".into(),
                 format!("{}ms", cell.timeout.as_millis()),
                 "--io".into(),
-                self.io.to_string(),
+                flag(&self.io),
             ];
             if cell.keep_alive {
                 args.push("-k".into());
@@ -711,7 +711,7 @@ impl PlacedLab {
                     "--rate".into(),
                     format!("{rate:.3}"),
                     "--arrival".into(),
-                    cell.arrival.to_string(),
+                    flag(&cell.arrival),
                 ]);
             }
             if let Some(t) = cell.time_limit {
@@ -815,6 +815,13 @@ pub fn share_deviation(parts: &[ClientShare]) -> f64 {
             0.0,
             |worst: f64, d| if d.abs() > worst.abs() { d } else { worst },
         )
+}
+
+/// A value as its command-line flag takes it (`fixed`, `least-conn`), not as it prints.
+fn flag<T: clap::ValueEnum>(value: &T) -> String {
+    value
+        .to_possible_value()
+        .map_or_else(String::new, |v| v.get_name().to_string())
 }
 
 /// `n` split into `k` shares differing by at most one, larger first.
