@@ -219,7 +219,7 @@ fn alive(pid: i32) -> bool {
 fn ssh_hosts_are_reached_in_batch_mode_with_the_remote_binary() {
     let dir = tempfile::tempdir().unwrap();
     stand_in_ssh(dir.path());
-    let out = sweep_over_ssh(
+    common::succeeds(&mut sweep_over_ssh(
         dir.path(),
         &[
             "--place",
@@ -229,14 +229,7 @@ fn ssh_hosts_are_reached_in_batch_mode_with_the_remote_binary() {
             "-c",
             "2",
         ],
-    )
-    .output()
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
     let log = std::fs::read_to_string(dir.path().join("ssh.log")).unwrap();
     let calls: Vec<&str> = log.lines().collect();
     assert!(
@@ -383,37 +376,32 @@ fn placement_flags_that_do_not_fit_are_usage_errors() {
 #[test]
 fn an_open_loop_shares_its_rate_among_client_hosts() {
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(BIN)
-        .args([
-            "sweep",
-            "--place",
-            "client=local,local",
-            "--free-ports",
-            "--mode",
-            "tcp",
-            "--policy",
-            "least-conn",
-            "--rates",
-            "1k",
-            "--duration",
-            "500ms",
-            "--arrival",
-            "poisson",
-            "-c",
-            "8",
-            "--repeat",
-            "1",
-            "--warmup",
-            "0",
-            "--out",
-        ])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::succeeds(
+        Command::new(BIN)
+            .args([
+                "sweep",
+                "--place",
+                "client=local,local",
+                "--free-ports",
+                "--mode",
+                "tcp",
+                "--policy",
+                "least-conn",
+                "--rates",
+                "1k",
+                "--duration",
+                "500ms",
+                "--arrival",
+                "poisson",
+                "-c",
+                "8",
+                "--repeat",
+                "1",
+                "--warmup",
+                "0",
+                "--out",
+            ])
+            .arg(dir.path()),
     );
     let s = sweep_json(dir.path());
     let cells = s["cells"].as_array().unwrap();

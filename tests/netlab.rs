@@ -154,18 +154,7 @@ fn links_are_shaped_with_tbf_and_netem_is_named_where_it_is_missing() {
     );
     assert!(String::from_utf8_lossy(&up.stdout).contains("client2 = 198.18.0.4"));
     for role in ["client", "client2", "lb", "backends"] {
-        let q = Command::new("tc")
-            .args([
-                "-n",
-                &format!("{prefix}-{role}"),
-                "qdisc",
-                "show",
-                "dev",
-                "eth0",
-            ])
-            .output()
-            .unwrap();
-        let q = String::from_utf8_lossy(&q.stdout);
+        let q = qdiscs(&format!("{prefix}-{role}"));
         assert!(q.contains("tbf") && q.contains("200Mbit"), "{role}: {q}");
     }
     let no_netem = String::from_utf8_lossy(&up.stderr).contains("no sch_netem");
@@ -186,18 +175,7 @@ fn links_are_shaped_with_tbf_and_netem_is_named_where_it_is_missing() {
         assert!(!netlab_namespaces().contains(&format!("{prefix}-")));
     } else {
         assert!(delayed.status.success());
-        let q = Command::new("tc")
-            .args([
-                "-n",
-                &format!("{prefix}-lb"),
-                "qdisc",
-                "show",
-                "dev",
-                "eth0",
-            ])
-            .output()
-            .unwrap();
-        assert!(String::from_utf8_lossy(&q.stdout).contains("netem"));
+        assert!(qdiscs(&format!("{prefix}-lb")).contains("netem"));
     }
 }
 
@@ -210,4 +188,13 @@ fn netlab_namespaces() -> String {
             .stdout,
     )
     .into_owned()
+}
+
+/// The queueing disciplines on a namespace's `eth0`.
+fn qdiscs(ns: &str) -> String {
+    let out = Command::new("tc")
+        .args(["-n", ns, "qdisc", "show", "dev", "eth0"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }

@@ -265,25 +265,22 @@ pub struct ClientShare {
     pub latency_histogram: String,
 }
 
+/// `count` over `secs` (none in no time).
+fn per_second(count: u64, secs: f64) -> f64 {
+    if secs > 0.0 { count as f64 / secs } else { 0.0 }
+}
+
 impl ClientShare {
     /// Completed requests per second.
     pub fn requests_per_sec(&self) -> f64 {
-        if self.elapsed_secs > 0.0 {
-            self.complete as f64 / self.elapsed_secs
-        } else {
-            0.0
-        }
+        per_second(self.complete, self.elapsed_secs)
     }
 }
 
 impl BenchResult {
     /// Completed requests per second.
     pub fn requests_per_sec(&self) -> f64 {
-        if self.elapsed_secs > 0.0 {
-            self.complete as f64 / self.elapsed_secs
-        } else {
-            0.0
-        }
+        per_second(self.complete, self.elapsed_secs)
     }
 
     /// ab's "Time per request (mean)": concurrency × elapsed / complete, in ms.

@@ -117,17 +117,26 @@ pub fn namespace(prefix: &str, role: &str) -> String {
 }
 
 fn ip(args: &[&str]) -> io::Result<()> {
-    let out = Command::new("ip").args(args).output().map_err(|e| {
+    run("ip", args)
+}
+
+fn tc(args: &[&str]) -> io::Result<()> {
+    run("tc", args)
+}
+
+/// Runs an iproute2 tool; a failure says which command and what it printed.
+fn run(tool: &str, args: &[&str]) -> io::Result<()> {
+    let out = Command::new(tool).args(args).output().map_err(|e| {
         io::Error::new(
             e.kind(),
-            format!("cannot run `ip` ({e}): install iproute2 (apt-get install -y iproute2)"),
+            format!("cannot run `{tool}` ({e}): install iproute2 (apt-get install -y iproute2)"),
         )
     })?;
     if out.status.success() {
         Ok(())
     } else {
         Err(io::Error::other(format!(
-            "`ip {}` failed: {}",
+            "`{tool} {}` failed: {}",
             args.join(" "),
             String::from_utf8_lossy(&out.stderr).trim()
         )))
@@ -239,24 +248,6 @@ fn build(prefix: &str, clients: usize, shaping: &Shaping) -> io::Result<Option<&
         }
     }
     Ok((!netem).then_some(NO_NETEM))
-}
-
-fn tc(args: &[&str]) -> io::Result<()> {
-    let out = Command::new("tc").args(args).output().map_err(|e| {
-        io::Error::new(
-            e.kind(),
-            format!("cannot run `tc` ({e}): install iproute2 (apt-get install -y iproute2)"),
-        )
-    })?;
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(io::Error::other(format!(
-            "`tc {}` failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        )))
-    }
 }
 
 /// Whether the kernel has netem: tried on the bridge namespace's own loopback, then removed.

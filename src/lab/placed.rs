@@ -195,6 +195,18 @@ fn spawn(host: &Host, bins: &Bins, args: &[String]) -> io::Result<Spawned> {
     })
 }
 
+/// What a collector holds so far.
+fn snapshot(out: &Mutex<String>) -> String {
+    out.lock().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+/// Waits for the output readers, which end with the process's pipes.
+fn join_all(readers: Vec<std::thread::JoinHandle<()>>) {
+    for r in readers {
+        let _ = r.join();
+    }
+}
+
 fn push_line(out: &Mutex<String>, line: &str) {
     let mut o = out.lock().unwrap_or_else(|e| e.into_inner());
     o.push_str(line);
@@ -296,14 +308,8 @@ impl RoleProcess {
     fn stop(mut self) -> RoleReport {
         self.stdin.take();
         let ended = wait_or_kill(&mut self.child, STOP_GRACE);
-        for r in std::mem::take(&mut self.readers) {
-            let _ = r.join();
-        }
-        let output = self
-            .output
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
+        join_all(std::mem::take(&mut self.readers));
+        let output = snapshot(&self.output);
         RoleReport {
             name: self.name.clone(),
             host: self.host.to_string(),
@@ -474,7 +480,7 @@ impl PlacedLab {
             }
             let (role, addrs) = RoleProcess::start("backends", host, &self.bins, args, stop)?;
             if self.driver.is_empty() {
-                self.driver = driver_from(&role.output.lock().unwrap_or_else(|e| e.into_inner()));
+                self.driver = driver_from(&snapshot(&role.output));
             }
             if host.is_this_machine() {
                 backend_pids.push(role.pid());
@@ -745,20 +751,10 @@ impl PlacedLab {
         let mut shares_out = Vec::new();
         for (host, mut spawned, _stdin, c, rate) in running {
             let status = spawned.child.wait()?;
-            for r in spawned.readers {
-                let _ = r.join();
-            }
-            let json = spawned
-                .stdout
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            join_all(spawned.readers);
+            let json = snapshot(&spawned.stdout);
             let Ok(mut r) = serde_json::from_str::<BenchResult>(&json) else {
-                let all = spawned
-                    .output
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
+                let all = snapshot(&spawned.output);
                 return Err(io::Error::other(format!(
                     "the client on {host} ({status}) gave no result: {} (command: {})",
                     tail(&all, 3),
