@@ -268,7 +268,7 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
             "--target-pid {name}=…: no --target is named {name}; name the target it serves"
         )));
     }
-    let config = SweepConfig {
+    let mut config = SweepConfig {
         requests: args.requests,
         concurrency: args.concurrency.map_or_else(
             || {
@@ -322,7 +322,6 @@ fn run_sweep(args: SweepArgs, shutdown: Shutdown) -> io::Result<()> {
             (false, true) => "lab-k".into(),
             (false, false) => "lab".into(),
         });
-    let mut config = config;
     if args.free_ports {
         config.ports = Ports::ephemeral();
     }

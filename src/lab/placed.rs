@@ -466,7 +466,7 @@ impl PlacedLab {
             if mine.is_empty() {
                 continue;
             }
-            let ip = host.address()?;
+            let ip = self.address(host);
             let mut args = common("backend");
             for p in &mine {
                 args.extend(["--listen".into(), SocketAddr::new(ip, *p).to_string()]);
@@ -489,7 +489,7 @@ impl PlacedLab {
             self.roles.push(role);
         }
         let first = self.plan.backends[0].clone();
-        let first_ip = first.address()?;
+        let first_ip = self.address(&first);
         let mut args = common("backend");
         args.extend([
             "--listen".into(),
@@ -516,7 +516,7 @@ impl PlacedLab {
         };
         // The balancers: one per mode and policy, the first policy on the lab's ports.
         let lb_host = self.plan.lb.clone();
-        let lb_ip = lb_host.address()?;
+        let lb_ip = self.address(&lb_host);
         let several = setup.policies.len() > 1;
         let backend_list: Vec<String> = backends.iter().map(|a| a.port().to_string()).collect();
         for (i, policy) in setup.policies.iter().enumerate() {
@@ -619,6 +619,16 @@ impl PlacedLab {
             });
         }
         Ok(())
+    }
+
+    /// The address the other roles reach `host` at, as found once when the lab started.
+    fn address(&self, host: &Host) -> IpAddr {
+        let name = host.to_string();
+        self.hosts
+            .iter()
+            .find(|h| h.host == name)
+            .map(|h| h.address)
+            .expect("every placed host's address is found before the roles start")
     }
 
     /// The targets, in the lab's order.
